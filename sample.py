@@ -17,6 +17,7 @@ run the same command again: it resumes where it stopped.
 """
 import os
 import statistics
+import sys
 import time
 
 import torch
@@ -240,7 +241,8 @@ if __name__ == "__main__":
                 bar.set_postfix(kept=n_kept, mean_kl=f"{kl_sum / max(n_positions, 1):.3f}")
     except KeyboardInterrupt:
         bar.close()
-        die(f"interrupted; everything up to question {bar.n} is saved in {out_dir}: run the same command to resume")
+        print(f"interrupted: {bar.n} questions are saved in {out_dir}; run the same command to resume", file=sys.stderr)
+        raise SystemExit(130)
     bar.close()
 
     # ---- totals, over the whole run (resumed parts included)
