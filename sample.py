@@ -128,18 +128,22 @@ def sample_batch(expert_model, amateur_model, prompts, pad_id, stop_ids, vocab, 
         logp_E = log_probs(expert_model, h_expert[:, cols], vocab)  # (B, c, V) log π_E
         logp_A = log_probs(amateur_model, h_amateur[:, cols], vocab)  # (B, c, V) log π_A
         kl, keep, plausible, soft_label = contrast(logp_E, logp_A, alpha, beta)
-        kl, keep = kl.tolist(), keep.tolist()
+        # V and v_C of all kept positions of the chunk at once (one nonzero, not one per position)
+        row, token = plausible[keep].nonzero().unbind(1)  # (n,), (n,): kept position, token id a ∈ V
+        weight = soft_label[keep][row, token]  # v_C(a)
+        labels = {pos: ([], []) for pos in map(tuple, keep.nonzero().tolist())}
+        kept_positions = list(labels)
+        for i, a, w in zip(row.tolist(), token.tolist(), weight.tolist()):
+            labels[kept_positions[i]][0].append(a)
+            labels[kept_positions[i]][1].append(w)
+        kl = kl.tolist()
         for b, r in enumerate(results):
-            for c in range(len(kl[b])):
-                t = t0 + c
-                if t >= lengths[b]:
-                    break
+            for c in range(min(chunk, lengths[b] - t0)):
                 r["kl"].append(kl[b][c])
-                if keep[b][c]:
-                    ids = plausible[b, c].nonzero()[:, 0]
-                    weights = soft_label[b, c, ids]
-                    order = weights.argsort(descending=True)  # most contrastive token first
-                    r["kept"].append((t, ids[order].tolist(), weights[order].tolist()))
+                if (b, c) in labels:
+                    ids, weights = labels[b, c]
+                    order = sorted(range(len(ids)), key=lambda j: -weights[j])  # most contrastive first
+                    r["kept"].append((t0 + c, [ids[j] for j in order], [weights[j] for j in order]))
     return results
 
 
