@@ -108,11 +108,14 @@ def load_model(name, device, dtype):
     return model.to(device).eval()
 
 
-def chat_prompt_ids(tok, question, system_prompt):
-    """Token ids of the chat prompt: system + user turn, then the opening of the assistant turn."""
+def chat_prompt_text(tok, question, system_prompt):
+    """The chat prompt: system + user turn, then the opening of the assistant turn."""
     messages = [{"role": "system", "content": system_prompt}, {"role": "user", "content": question}]
-    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return tok(text, add_special_tokens=False)["input_ids"]
+    return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def chat_prompt_ids(tok, question, system_prompt):
+    return tok(chat_prompt_text(tok, question, system_prompt), add_special_tokens=False)["input_ids"]
 
 
 def stop_token_ids(tok, model):
