@@ -134,6 +134,17 @@ def stop_token_ids(tok, model):
     return sorted(ids)
 
 
+def greedy_config(max_new_tokens, stop_ids, pad_id, suppress=()):
+    """A generation config that is greedy whatever the model's generation_config.json says: transformers
+    fills every knob left unset from the model's own file (instruct models ship temperature, top-p,
+    top-k and a repetition penalty), so each one is set here to its neutral value."""
+    from transformers import GenerationConfig
+    return GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=max_new_tokens, min_new_tokens=0,
+                            eos_token_id=list(stop_ids), pad_token_id=pad_id, temperature=1.0, top_p=1.0,
+                            top_k=50, typical_p=1.0, repetition_penalty=1.0, no_repeat_ngram_size=0,
+                            suppress_tokens=list(suppress) or None)
+
+
 def position_ids(attention_mask):
     """Positions that skip left padding: the first real token of every row is at position 0."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)

@@ -22,9 +22,7 @@ import time
 
 import torch
 from tqdm import tqdm
-from transformers import GenerationConfig
-
-from common import (append_jsonl, chat_prompt_ids, complete_lines, die, download, load_model,
+from common import (append_jsonl, chat_prompt_ids, complete_lines, die, download, greedy_config, load_model,
                     load_tokenizer, parse_flags, pick_device, pick_dtype, position_ids, read_json,
                     read_jsonl, stop_token_ids, write_json)
 
@@ -59,11 +57,7 @@ def greedy_generate(model, input_ids, attention_mask, max_new_tokens, stop_ids, 
     Ids past `vocab` exist only in the expert's padded output layer (a trained model never picks
     them); they are suppressed so the amateur can read every generated token."""
     n_out = model.get_output_embeddings().out_features
-    config = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=max_new_tokens,
-                              eos_token_id=stop_ids, pad_token_id=pad_id, temperature=1.0,
-                              top_p=1.0, top_k=50, typical_p=1.0, repetition_penalty=1.0,
-                              no_repeat_ngram_size=0, min_new_tokens=0,
-                              suppress_tokens=list(range(vocab, n_out)) or None)
+    config = greedy_config(max_new_tokens, stop_ids, pad_id, suppress=range(vocab, n_out))
     out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
     return out[:, input_ids.shape[1]:]
 

@@ -1,0 +1,1035 @@
+"""
+Stage 3 of LightReasoner (Wang et al., arXiv 2510.07962): zero-shot pass@1 on the paper's math
+benchmarks, graded like the official Qwen2.5-Math evaluation toolkit (prompt `qwen25-math-cot`,
+greedy decoding, up to 2048 new tokens), so our numbers compare with the paper's.
+
+    python evaluate.py --bench math                   # base model and base+out/lora, side by side
+    python evaluate.py --bench gsm8k,svamp --limit 100
+    python evaluate.py --bench all --adapter none --model out/merged
+    python evaluate.py --bench math --completions vllm_out.jsonl   # grade saved outputs, no model
+
+Benchmarks are read from data/<bench>/test.jsonl (the toolkit's files, downloaded once from the
+Qwen2.5-Math repository). Writes out/eval/<tag>/<bench>.jsonl (one graded row per problem) and
+out/eval/<tag>/summary.json. Kill it at any moment and run it again: graded problems are kept.
+"""
+import builtins
+import json
+import math
+import multiprocessing
+import os
+import re
+import time
+
+import sympy
+import torch
+from sympy.parsing.sympy_parser import parse_expr
+from tqdm import tqdm
+
+from common import (append_jsonl, complete_lines, die, download, greedy_config, load_model, load_tokenizer, parse_flags,
+                    pick_device, pick_dtype, read_json, read_jsonl, stop_token_ids, write_json)
+
+# -----------------------------------------------------------------------------
+# configuration: the defaults reproduce the paper's evaluation
+bench = "math"  # one of BENCHMARKS, a comma list, or "all"
+model = ""  # base model; "" = the expert of out/sample_config.json, else Qwen/Qwen2.5-Math-1.5B
+adapter = ""  # LoRA adapter dir; "" = out/lora when it exists (then base AND base+adapter), "none"
+completions = ""  # grade this JSONL of {"idx", "completion"} instead of generating (no model)
+limit = ""  # evaluate only the first N problems of each benchmark ("" = all)
+max_new_tokens = 2048  # generation budget per problem (toolkit: 2048)
+batch_size = 16  # prompts generated together (with --engine continuous: handed over together)
+engine = "generate"  # "generate" (left-padded batches) or "continuous" (transformers' generate_batch)
+grade_timeout = 3.0  # seconds one answer comparison may take before it counts as wrong (toolkit: 3)
+data_dir = "data"  # benchmark files: <data_dir>/<bench>/test.jsonl
+out_dir = "out"
+device = "auto"  # cuda if available, else cpu
+dtype = "auto"  # bfloat16 on cuda, float32 on cpu
+config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, str))]
+
+BENCHMARKS = ["gsm8k", "math", "svamp", "asdiv", "minerva_math", "olympiadbench", "mmlu_stem"]
+DATA_URL = "https://raw.githubusercontent.com/QwenLM/Qwen2.5-Math/main/evaluation/data/{}/test.jsonl"
+# the toolkit's `qwen25-math-cot` prompt, built as a string so base and tuned models see the same text
+PROMPT = ("<|im_start|>system\nPlease reason step by step, and put your final answer within "
+          "\\boxed{{}}.<|im_end|>\n<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n")
+STOP_WORDS = ["</s>", "<|im_end|>", "<|endoftext|>"]  # where the toolkit cuts a completion
+
+# -----------------------------------------------------------------------------
+# questions and ground truths, per benchmark, as the toolkit reads them (parser.py)
+
+
+def parse_question(record, name):
+    if name == "gsm8k" or name == "olympiadbench":
+        question = record["question"]
+    elif name in ("math", "minerva_math"):
+        question = record["problem"]
+    elif name == "svamp":
+        body = record["Body"].strip()
+        question = (body if body.endswith(".") else body + ".") + " " + record["Question"].strip()
+    elif name == "asdiv":
+        question = record["body"].strip() + " " + record["question"].strip()
+    elif name == "mmlu_stem":
+        options = " ".join(f"({l}) {str(o).strip()}" for l, o in zip("ABCD", record["choices"]))
+        question = record["question"].strip() + "\nAnswer Choices: " + options
+    gt = parse_gt(record, name).lower()  # the toolkit tells the model which words it expects
+    question += " (True or False)" if gt in ("true", "false") else " (Yes or No)" if gt in ("yes", "no") else ""
+    return question.strip()
+
+
+def parse_gt(record, name):
+    """The reference answer as the toolkit compares it: math_eval.py normalises it once, and its
+    evaluate() parses it again from the saved sample (a second normalisation, none for minerva)."""
+    if name in ("math", "minerva_math"):
+        gt = extract_answer(record["solution"], name)  # last \boxed{} of the reference solution
+        if name == "minerva_math":
+            return gt.replace("\\neq", "\\ne").replace("\\leq", "\\le").replace("\\geq", "\\ge")
+        return gt
+    if name == "gsm8k":
+        gt = record["answer"].split("####")[1]
+    elif name == "svamp":
+        gt = record["Answer"]  # a float such as 145.0; normalising turns it into "145"
+    elif name == "asdiv":
+        gt = re.sub(r"\(.*?\)", "", record["answer"])  # "9 (apples)" -> "9 "
+    elif name == "olympiadbench":
+        gt = record["final_answer"][0].strip("$")
+    elif name == "mmlu_stem":
+        gt = "ABCD"[record["answer"]]
+    return normalize(normalize(gt))
+
+
+# -----------------------------------------------------------------------------
+# answer extraction (the toolkit's parser.py, re-written): last \boxed{}, "the answer is", last number
+
+
+def last_boxed(text):
+    """Content of the last \\boxed{...}, nested braces included. The toolkit splits on the bare word
+    'boxed' and, with no brace after it, reads up to the next '$' ("\\boxed 5$")."""
+    tail = text.split("boxed")[-1]
+    if not tail.startswith("{"):
+        return tail.split("$")[0].strip()
+    depth, out = 1, []
+    for c in tail[1:]:
+        depth += (c == "{") - (c == "}")
+        if depth == 0:
+            break
+        out.append(c)
+    return "".join(out)
+
+
+def choice_letter(text, after_trigger_first=True):
+    """A multiple-choice letter: the first A-E after the last "answer is"/"choice is", else the last
+    standalone A-E anywhere (the toolkit upper-cases first, so a lone "a" counts too). With
+    after_trigger_first=False it is the grader's simpler variant: always the last letter."""
+    text = text.strip("\n")
+    trigger = False
+    if after_trigger_first:
+        if text.count("choice is") > 1 or text.count("answer is") > 1:
+            text = text.split("\n\n")[0]  # the toolkit's few-shot guard: keep the first block
+        parts = re.split("choice is|answer is", text)
+        trigger, text = len(parts) > 1, parts[-1]
+    text = text.strip("\n").rstrip(".").rstrip("/").strip(" ").lstrip(":")
+    letters = re.findall(r"\b(A|B|C|D|E)\b", text.upper())
+    pred = (letters[0] if trigger else letters[-1]) if letters else text.strip().strip(".")
+    return pred.rstrip(".").rstrip("/")
+
+
+def extract_answer(text, name):
+    text = text.replace("\u043a\u0438", "")  # the toolkit drops this stray marker ("ки")
+    if name == "mmlu_stem":
+        return choice_letter(text)
+    if "final answer is $" in text and "$. I hope" in text:  # Minerva's answer sentence
+        pred = text.split("final answer is $", 1)[1].split("$. I hope", 1)[0].strip()
+    elif "boxed" in text:
+        pred = last_boxed(text)
+    elif "he answer is" in text:
+        pred = text.split("he answer is")[-1].strip()
+    elif "final answer is" in text:
+        pred = text.split("final answer is")[-1].strip()
+    elif "答案是" in text:
+        pred = text.split("答案是")[1].strip().split("\n\n")[0].strip()
+    else:  # no marked answer: the last number, commas dropped
+        numbers = re.findall(r"-?\d*\.?\d+", text.replace(",", ""))
+        pred = numbers[-1] if numbers else ""
+    pred = re.sub(r"\n\s*", "", pred)
+    pred = pred[1:] if pred.startswith(":") else pred
+    pred = pred[:-1] if pred.endswith(".") else pred
+    pred = pred[:-1] if pred.endswith("/") else pred
+    return normalize(pred, skip_unit=name == "minerva_math")  # Minerva answers keep their units
+
+
+# -----------------------------------------------------------------------------
+# string normalisation (the toolkit's strip_string): both sides pass through it before comparing
+
+# Unit words (mostly from MathQA) deleted as whole words, in the toolkit's order, then their plurals.
+# They are regular expressions there ("a ." deletes "a" plus any one character), so here too.
+UNIT_WORDS = ("east|degree|mph|kmph|ft|m sqaure| m east|sq m|deg|mile|q .|monkey|prime|ratio|"
+              "profit of rs|rd|o|gm|p . m|lb|tile|per|dm|lt|gain|ab|way|west|a .|b .|c .|d .|e .|f .|"
+              "g .|h .|t|a|h|no change|men|soldier|pie|bc|excess|st|inches|noon|percent|by|gal|kmh|c|"
+              "acre|rise|a . m|th|π r 2|sq|mark|l|toy|coin|sq . m|gallon|° f|profit|minw|yr|women|feet|"
+              "am|pm|hr|cu cm|square|v â € ™|are|rupee|rounds|cubic|cc|mtr|s|ohm|number|kmph|day|hour|"
+              "minute|min|second|man|woman|sec|cube|mt|sq inch|mp|∏ cm ³|hectare|more|sec|unit|cu . m|"
+              "cm 2|rs .|rs|kg|g|month|km|m|cm|mm|apple|liter|loss|yard|pure|year|increase|decrease|d|"
+              "less|Surface|litre|pi sq m|s .|metre|meter|inch").split("|")
+UNIT_RES = [re.compile(r"(^|\W)" + u + r"($|\W)") for u in UNIT_WORDS + [u + "s" for u in UNIT_WORDS]]
+ANY_UNIT = re.compile(r"(^|\W)(" + "|".join(UNIT_WORDS) + r")s?($|\W)")  # one search skips all of them
+
+NUMBER_WORDS = {w: i for i, w in enumerate(
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
+    "fifteen sixteen seventeen eighteen nineteen".split())}
+NUMBER_WORDS.update({w: 10 * i for i, w in enumerate("twenty thirty forty fifty sixty seventy eighty ninety".split(), 2)})
+NUMBER_WORDS.update(hundred=100, thousand=1000, million=10**6, billion=10**9)
+
+
+def words_to_number(text):
+    """The toolkit passes every answer through word2number, which reads the number words anywhere
+    in the string and ignores the other words ("two apples" -> "2"); we follow its rules."""
+    s = text.replace("-", " ").lower()
+    if s.isdigit():
+        try:
+            return str(int(s))  # "007" -> "7"
+        except ValueError:  # digits int() cannot read, like "²"
+            return text
+    words = [w for w in s.split() if w in NUMBER_WORDS or w == "point"]
+    if not words or any(words.count(w) > 1 for w in ("thousand", "million", "billion", "point")):
+        return text
+    decimals = []
+    if "point" in words:
+        words, decimals = words[:words.index("point")], words[words.index("point") + 1:]
+    b, m, t = (words.index(w) if w in words else -1 for w in ("billion", "million", "thousand"))
+    if (t > -1 and (t < m or t < b)) or (m > -1 and m < b):
+        return text
+
+    def group(ws):  # word2number's number_formation: "two hundred five" -> 205
+        v = [NUMBER_WORDS[w] for w in ws]
+        if len(v) >= 5 or len(v) == 1:
+            return v[0]
+        if len(v) == 4:
+            return v[0] * v[1] + v[2] + v[3]
+        if len(v) == 3:
+            return v[0] * v[1] + v[2]
+        return v[0] * v[1] if 100 in v else v[0] + v[1]  # IndexError on [] = not a number
+
+    try:
+        total = 0
+        if len(words) == 1:
+            total = NUMBER_WORDS[words[0]]
+        elif len(words) > 1:
+            total += group(words[:b]) * 10**9 if b > -1 else 0
+            total += group(words[b + 1:m] if b > -1 else words[:m]) * 10**6 if m > -1 else 0
+            total += group(words[m + 1:t] if m > -1 else words[b + 1:t] if b > -1 else words[:t]) * 1000 if t > -1 else 0
+            n = len(words) - 1  # the rest after the last multiplier, with word2number's quirks
+            rest = (words[t + 1:] if -1 < t != n else words[m + 1:] if -1 < m != n else
+                    words[b + 1:] if -1 < b != n else words if t == m == b == -1 else None)
+            total += group(rest) if rest is not None else 0
+        if decimals:  # "point one five" -> .15; any other word after "point" makes it 0
+            total += float("0." + "".join(str(NUMBER_WORDS[w]) for w in decimals)) if all(NUMBER_WORDS[w] < 10 for w in decimals) else 0
+    except (IndexError, KeyError):
+        return text
+    return str(total)
+
+
+def fix_fracs(s):
+    """\\frac12 -> \\frac{1}{2}, \\frac1{72} -> \\frac{1}{72}."""
+    head, *tails = s.split("\\frac")
+    out = head
+    for t in tails:
+        out += "\\frac"
+        if t.startswith("{"):
+            out += t
+            continue
+        if len(t) < 2:
+            return s  # the toolkit gives up on the whole string
+        out += "{" + t[0] + "}" + (t[1] if t[1] == "{" else "{" + t[1] + "}") + t[2:]
+    return out
+
+
+def fix_slash(s):
+    """'3/4' -> '\\frac{3}{4}' when both sides are integers written plainly (or contain sqrt)."""
+    if s.count("/") != 1:
+        return s
+    a, b = s.split("/")
+    try:
+        a, b = (x if "sqrt" in x else int(x) for x in (a, b))
+    except ValueError:
+        return s
+    return f"\\frac{{{a}}}{{{b}}}" if s == f"{a}/{b}" else s
+
+
+def normalize(s, skip_unit=False):
+    """The toolkit's strip_string, rule for rule and in its order (order matters: units go before
+    '\\text{}' is unwrapped, "x=" prefixes before spaces are removed, ...)."""
+    s = str(s).strip().replace("\n", "").rstrip(".").replace("\\!", "")
+    s = re.sub(r"\\begin\{array\}\{.*?\}", r"\\begin{pmatrix}", s)  # every matrix becomes a pmatrix
+    s = re.sub(r"\\end\{array\}", r"\\end{pmatrix}", s).replace("bmatrix", "pmatrix")
+    s = s.replace("tfrac", "frac").replace("dfrac", "frac")
+    s = s.replace("\\neq", "\\ne").replace("\\leq", "\\le").replace("\\geq", "\\ge")
+    s = s.replace("\\left", "").replace("\\right", "").replace("\\{", "{").replace("\\}", "}")
+    t = re.sub(r"\\text{.*?}$", "", s).strip()  # a trailing \text{...} is a unit: "5\text{ cm}"
+    s = t or s
+    if not skip_unit and ANY_UNIT.search(s):
+        for _ in range(2):
+            for unit in UNIT_RES:
+                s = unit.sub(r"\1\2", s) or s  # never let a unit rule empty the answer
+    s = s.replace("^{\\circ}", "").replace("^\\circ", "")  # degrees
+    s = s.replace("\\$", "").replace("$", "").replace("\\(", "").replace("\\)", "")
+    s = words_to_number(s)
+    s = re.sub(r"\\text\{(.*?)\}", r"\1", s)
+    for prefix in ("x=", "y=", "z=", "x\\in", "y\\in", "z\\in", "x\\to", "y\\to", "z\\to"):
+        s = s.replace(prefix, "")
+    s = s.replace("\\emptyset", "{}").replace("(-\\infty,\\infty)", "\\mathbb{R}")
+    s = s.replace("\\%", "").replace("%", "")  # percentages compare as plain numbers (see below)
+    s = s.replace(" .", " 0.").replace("{.", "{0.")
+    s = s.replace("infinity", "\\infty")
+    s = s if "\\infty" in s else s.replace("inf", "\\infty")
+    s = s.replace("and", "").replace("\\mathbf", "")  # "1 and 2" -> "1 2" (also inside words)
+    s = re.sub(r"\\mbox{.*?}", "", s)
+    s = s.replace("j", "i") if "j" in s and "i" not in s else s  # engineers' imaginary unit
+    s = re.sub(r"(\d+)\.0*([^\d])", r"\1\2", s)  # "2.0" -> "2", "3.00x" -> "3x"
+    s = re.sub(r"(\d+)\.0*$", r"\1", s)
+    if not s:
+        return s
+    s = "0" + s if s[0] == "." else s
+    if len(s.split("=")) == 2 and len(s.split("=")[0]) <= 2:  # "k = 5" -> " 5"
+        s = s.split("=")[1]
+    s = re.sub(r"\\sqrt(\w+)", r"\\sqrt{\1}", s)  # \sqrt2 -> \sqrt{2}
+    return fix_slash(fix_fracs(s.replace(" ", "")))
+
+
+def predict(completion, name, gt):
+    """The answer the toolkit reads from one completion: cut at stop words, extracted and normalised
+    (twice, as math_eval.py does), then its multiple-choice repair: a letter ground truth makes it
+    look for a letter in the whole completion."""
+    code = completion.strip()
+    for stop in STOP_WORDS:
+        code = code.split(stop)[0].strip()
+    pred = None if not code or code == "error" else normalize(extract_answer(code, name), skip_unit=name == "minerva_math")
+    if gt in ("A", "B", "C", "D", "E") and pred not in ("A", "B", "C", "D", "E"):
+        pred = choice_letter(code)
+    elif pred is not None and all(c in "ABCDE" for c in gt) and not all(c in "ABCDE" for c in pred):
+        pred = "".join(c for c in pred if c in "ABCDE")
+    return pred
+
+
+# -----------------------------------------------------------------------------
+# equivalence (the toolkit's grader.py, re-written): strings, numbers, structures, then sympy
+
+
+def to_float(s):
+    """A plain number ("1,234.5", "12%" -> 0.12), else None."""
+    s = str(s).replace(",", "")
+    try:
+        return float(s)
+    except ValueError:
+        pass
+    if s.endswith("%"):
+        s = s[:-2] if s.endswith("\\%") else s[:-1]
+        try:
+            return float(s) / 100
+        except ValueError:
+            pass
+    return None
+
+
+def is_matrix(s):
+    return s.startswith(("\\begin{pmatrix}", "\\begin{bmatrix}")) and s.endswith(("\\end{pmatrix}", "\\end{bmatrix}"))
+
+
+def matrix_cells(s):
+    rows = [r.strip() for r in s[len("\\begin{pmatrix}"):-len("\\end{pmatrix}")].split("\\\\") if r.strip()]
+    return [r.split("&") for r in rows]
+
+
+def math_equal(pred, gt):
+    """Is the prediction right? In the toolkit's order: same string, same choice letter, same
+    number (the ground truth also read as a percentage: x/100, x, 100x; relative tolerance 1e-4),
+    same text without brackets, element-wise tuples/intervals and matrices, equations, and finally
+    symbolic equality with sympy."""
+    if pred is None:
+        return False
+    if pred.strip().lower() == gt.strip().lower():
+        return True
+    if gt in ("A", "B", "C", "D", "E") and choice_letter(pred, after_trigger_first=False) == gt:
+        return True
+    p, g = to_float(pred), to_float(gt)
+    if p is not None and g is not None:  # two numbers: decided here, never by sympy
+        return any(math.isclose(x, p, rel_tol=1e-4) for x in (g / 100, g, g * 100))
+    if not pred:
+        return False
+    pred, gt = pred.strip(), gt.strip()
+    if "pmatrix" in pred and "pmatrix" not in gt:  # "{1,2}" as a column (the toolkit's "\\" slip kept)
+        gt = ", ".join("\\begin{pmatrix}" + m.strip("{}").replace(",", "\\") + "\\end{pmatrix}"
+                       for m in re.findall(r"\{.*,.*\}", gt))
+    p, g = pred, gt
+    if (pred.startswith("[") and pred.endswith("]") and not gt.startswith("(")) or \
+            (pred.startswith("(") and pred.endswith(")") and not gt.startswith("[")):
+        p, g = p.strip("[]()"), g.strip("[]()")  # an interval's bracket type does not count...
+    if re.sub(r"[{}()]", "", p).lower() == re.sub(r"[{}()]", "", g).lower():
+        return True  # ...and neither do braces and parentheses
+    list_re = r"(\(|\[).+(\)|\])"
+    if re.match(list_re, pred) and re.match(list_re, gt):  # tuples and intervals, element-wise
+        ps, gs = pred[1:-1].split(","), gt[1:-1].split(",")
+        if len(ps) == len(gs) and all(math_equal(a, b) for a, b in zip(ps, gs)):
+            return True
+    if is_matrix(pred) and is_matrix(gt):
+        pm, gm = matrix_cells(pred), matrix_cells(gt)
+        if len(pm) == len(gm) and all(len(a) == len(b) and all(math_equal(x, y) for x, y in zip(a, b))
+                                      for a, b in zip(pm, gm)):
+            return True
+    if pred.count("=") == 1 and gt.count("=") == 1:  # two equations: equal up to sign
+        pl, pr = pred.split("=")
+        gl, gr = gt.split("=")
+        dp, dg = f"{pl.strip()} - ({pr.strip()})", f"{gl.strip()} - ({gr.strip()})"
+        if symbolic_equal(dp, dg) or symbolic_equal(f"-({dp})", dg):
+            return True
+    elif pred.count("=") == 1 and len(pred.split("=")[0].strip()) <= 2 and "=" not in gt:
+        if math_equal(pred.split("=")[1], gt):  # "k=5" against "5"
+            return True
+    elif gt.count("=") == 1 and len(gt.split("=")[0].strip()) <= 2 and "=" not in pred:
+        if math_equal(pred, gt.split("=")[1]):
+            return True
+    return symbolic_equal(pred, gt)
+
+
+def symbolic_equal(a, b):
+    """Both sides through sympy: same printout, simplify(a - b) == 0, same equation, or the same
+    number to 1e-4. What cannot be parsed stays a string and only equals the same string."""
+    a, b = to_sympy(a), to_sympy(b)
+    try:
+        if str(a) == str(b) or a == b:
+            return True
+    except Exception:
+        pass
+    try:
+        if a.equals(b) or sympy.simplify(a - b) == 0:
+            return True
+    except Exception:
+        pass
+    try:
+        if abs(a.lhs - a.rhs).equals(abs(b.lhs - b.rhs)):
+            return True
+    except Exception:
+        pass
+    try:
+        if math.isclose(float(sympy.N(b)), float(sympy.N(a)), rel_tol=1e-4):
+            return True
+    except Exception:
+        pass
+    try:
+        if a.shape == b.shape and a.applyfunc(lambda x: round(x, 3)).equals(b.applyfunc(lambda x: round(x, 3))):
+            return True
+    except Exception:
+        pass
+    return False
+
+
+UNSAFE_NAMES = {n for n, o in vars(builtins).items() if callable(o) and n not in ("abs", "max", "min", "round", "pow")}
+
+
+def to_sympy(s):
+    """The toolkit tries sympy's LaTeX parser, then sympy's Python-syntax parser (each on the text
+    and on the text with '\\\\' made '\\'); what neither reads stays a string."""
+    for parse in (latex_to_sympy, safe_parse_expr):
+        for text in (s.replace("\\\\", "\\"), s):
+            try:
+                return parse(text)
+            except Exception:
+                pass
+    return s
+
+
+def safe_parse_expr(s):
+    """sympy's parse_expr, which evaluates Python: refuse text that could do more than arithmetic."""
+    if "__" in s or set(re.findall(r"[A-Za-z_]\w*", s)) & UNSAFE_NAMES or re.search(r"['\"`]", s):
+        raise ValueError(s)
+    return parse_expr(s)
+
+
+# -----------------------------------------------------------------------------
+# LaTeX -> sympy. The toolkit uses sympy's parse_latex, which needs the antlr4 package; this reader
+# follows the same grammar (sympy/parsing/latex/LaTeX.g4) and builds the same unevaluated sympy
+# objects, quirks included: it reads the longest valid prefix and ignores the rest ("2,3" -> 2,
+# "10{,}000" -> 10), "\pi" is a plain symbol, "f(x)" is a function call, "\log" is natural.
+
+LATEX_SKIPPED = {"left", "right", "quad", "qquad", "thinspace", "medspace", "thickspace", "negthinspace",
+                 "negmedspace", "negthickspace", "vrule", "vcenter", "vbox", "vskip", "vspace", "hfil"}
+LATEX_FUNCS = {"exp", "log", "lg", "ln", "sin", "cos", "tan", "csc", "sec", "cot", "arcsin", "arccos",
+               "arctan", "arccsc", "arcsec", "arccot", "sinh", "cosh", "tanh", "arsinh", "arcosh", "artanh"}
+LATEX_INVERSES = {"arcsin": "asin", "arccos": "acos", "arctan": "atan", "arccsc": "acsc", "arcsec": "asec",
+                  "arccot": "acot", "arsinh": "asinh", "arcosh": "acosh", "artanh": "atanh"}
+LATEX_RELATIONS = {"=": sympy.Eq, "<": sympy.Lt, ">": sympy.Gt, "\\neq": sympy.Ne,
+                   **dict.fromkeys(["\\le", "\\leq", "\\leqq", "\\leqslant"], sympy.Le),
+                   **dict.fromkeys(["\\ge", "\\geq", "\\geqq", "\\geqslant"], sympy.Ge)}
+# commands with a role in the grammar; any other \name is a symbol (\alpha, \pi, \text, \circ, ...)
+LATEX_KEYWORDS = LATEX_FUNCS | {n[1:] for n in LATEX_RELATIONS if n[0] == "\\"} | {
+    "frac", "dfrac", "tfrac", "binom", "dbinom", "tbinom", "mathit", "sqrt", "overline", "times", "cdot",
+    "div", "lim", "to", "rightarrow", "Rightarrow", "longrightarrow", "Longrightarrow", "int", "sum",
+    "prod", "lfloor", "rfloor", "lceil", "rceil", "langle", "rangle"}
+LATEX_TOKEN = re.compile(r"\s+|\\[a-zA-Z]+\|?|\\[{}]|\\[,:;!*\-./\"(=]|&\s*=|=(\s*&)?|d\s*(?:[a-zA-Z]|\\[a-zA-Z]+)|'+|[a-zA-Z0-9+\-*/()\[\]{}|_^:!,.<>]")
+
+
+class LatexError(ValueError):  # not LaTeX that sympy reads: the whole parse fails
+    pass
+
+
+class LatexNoMatch(ValueError):  # this rule does not match here; an optional part just ends
+    pass
+
+
+class LatexBadCharacter(LatexError):  # no token for it ("~", "$", "%"): fatal wherever it is
+    pass
+
+
+def latex_tokens(s):
+    """Tokens as the grammar's lexer cuts them (longest match). A character it has no token for
+    ends the list with None: the parser fails if it ever looks that far, as ANTLR's lexer would."""
+    toks, i = [], 0
+    while i < len(s):
+        m = LATEX_TOKEN.match(s, i)
+        if m is None:
+            return toks + [None]
+        t, i = m.group(), m.end()
+        if t.isspace() or t in ("\\,", "\\:", "\\;", "\\!", "\\*", "\\-", "\\.", "\\/", '\\"', "\\(", "\\="):
+            continue
+        if t.startswith("\\") and t[1:].rstrip("|") in LATEX_SKIPPED and not t.endswith("|"):
+            continue  # \left, \right and spacing are skipped; "\left|" and "\right|" are tokens
+        if t.startswith("\\") and t.endswith("|") and t[1:-1] not in ("left", "right"):
+            t, i = t[:-1], i - 1  # "\alpha|": the bar is a token of its own
+        toks.append("=" if "=" in t else ("∂" + t[1:].strip()) if t[0] == "d" and len(t) > 1 else t)
+    return toks
+
+
+def latex_to_sympy(text, toks=None):
+    toks, pos = latex_tokens(text) if toks is None else toks, 0
+
+    def peek(k=0):
+        if pos + k < len(toks) and toks[pos + k] is None:
+            raise LatexBadCharacter(text)
+        return toks[pos + k] if pos + k < len(toks) else ""
+
+    def eat(t):
+        nonlocal pos
+        if peek() != t:
+            raise LatexNoMatch(text)
+        pos += 1
+
+    def attempt(rule, *args):  # an optional part: if it does not parse, it is not there
+        nonlocal pos
+        start = pos
+        try:
+            return rule(*args)
+        except LatexNoMatch:
+            pos = start
+            return None
+        except LatexBadCharacter:
+            raise
+        except LatexError:  # fatal only once the part was complete up to where it failed ("1+2.")
+            seen = toks[start:pos]
+            if sum(t in ("(", "[", "{", "\\{", "\\lfloor", "\\lceil") for t in seen) <= \
+                    sum(t in (")", "]", "}", "\\}", "\\rfloor", "\\rceil") for t in seen):
+                raise
+            pos = start  # it failed inside an open bracket: ANTLR never took this path ("x\boxed{1./3}")
+            return None
+
+    def after_sign(rule, *args):  # an operator and its operand, tried as one optional part
+        nonlocal pos
+        pos += 1
+        return rule(*args)
+
+    is_letter = lambda t: len(t) == 1 and t.isascii() and t.isalpha()
+    is_digit = lambda t: len(t) == 1 and t.isdigit()
+    is_symbol = lambda t: t[:1] == "\\" and t[1:].isalpha() and t[1:] not in LATEX_KEYWORDS
+
+    def relation():
+        nonlocal pos
+        lhs = expr()
+        while peek() in LATEX_RELATIONS:  # unlike + or *, a relation sign must be followed up
+            op = toks[pos]
+            pos += 1
+            lhs = LATEX_RELATIONS[op](lhs, expr())
+        return lhs
+
+    def expr():  # additive
+        lhs = mp()
+        while peek() in ("+", "-"):
+            op = toks[pos]
+            if (rhs := attempt(after_sign, mp)) is None:
+                break
+            if op == "-":
+                rhs = -1 * rhs if rhs.is_Atom else sympy.Mul(-1, rhs, evaluate=False)
+            lhs = sympy.Add(lhs, rhs, evaluate=False)
+        return lhs
+
+    def mp(nofunc=False):
+        lhs = unary(nofunc)
+        while peek() in ("*", "\\times", "\\cdot", "/", "\\div", ":"):
+            op = toks[pos]
+            if (rhs := attempt(after_sign, unary, nofunc)) is None:
+                break
+            rhs = rhs if op in ("*", "\\times", "\\cdot") else sympy.Pow(rhs, -1, evaluate=False)
+            lhs = sympy.Mul(lhs, rhs, evaluate=False)
+        return lhs
+
+    def unary(nofunc=False):
+        nonlocal pos
+        if peek() in ("+", "-"):
+            op = toks[pos]
+            pos += 1
+            u = unary(nofunc)
+            return u if op == "+" else -u
+        items = [postfix(False)]
+        while (item := attempt(postfix, nofunc)) is not None:
+            items.append(item)
+        # side by side means times: Mul(a, Mul(b, c)); an "x" between two plain numbers is a times sign
+        if isinstance(items[-1], tuple):
+            raise LatexError(text)  # "\frac{d}{dx}" with nothing to differentiate
+        out = items[-1]
+        for i in range(len(items) - 2, -1, -1):
+            if isinstance(items[i], tuple):  # "\frac{d}{dx} f": d/dx of everything to its right
+                out = sympy.Derivative(out, items[i][0])
+            elif 0 < i and str(items[i]) == "x" and not items[i - 1].atoms(sympy.Symbol) and not items[i + 1].atoms(sympy.Symbol):
+                continue
+            else:
+                out = sympy.Mul(items[i], out, evaluate=False)
+        return out
+
+    def postfix(nofunc):
+        nonlocal pos
+        e = power(nofunc)
+        while peek() == "!":
+            pos += 1
+            e = sympy.factorial(e, evaluate=False)
+        return e
+
+    def power(nofunc):
+        base = comp(nofunc)
+        while peek() == "^":
+            if (e := attempt(after_sign, script_arg)) is None:
+                break
+            attempt(subscript)  # read, and ignored by sympy
+            base = sympy.Pow(base, e, evaluate=False)
+        return base
+
+    def braced():
+        eat("{")
+        e = expr()
+        eat("}")
+        return e
+
+    def script_arg(cap=None):
+        return braced() if peek() == "{" else atom(cap)
+
+    def subscript(cap=None):
+        eat("_")
+        return script_arg(cap)
+
+    def superscript(cap=None):
+        eat("^")
+        return script_arg(cap)
+
+    def name_suffix():  # (subscript? quotes? | quotes? subscript?) -> "a_{1}'"
+        nonlocal pos
+        sub = quotes = ""
+        if peek().startswith("'"):
+            quotes = toks[pos]
+            pos += 1
+        if peek() == "_":  # a started subscript must be complete ("x_{1" fails)
+            try:
+                sub = "_{" + str(subscript()) + "}"
+            except LatexNoMatch:
+                raise LatexError(text)
+        if not quotes and peek().startswith("'"):
+            quotes = toks[pos]
+            pos += 1
+        return sub + quotes
+
+    def comp(nofunc):
+        nonlocal pos
+        t = peek()
+        if t in ("(", "[", "{", "\\{"):
+            pos += 1
+            e = expr()
+            eat({"(": ")", "[": "]", "{": "}", "\\{": "\\}"}[t])
+            return e
+        if t in ("|", "\\lfloor", "\\lceil"):
+            pos += 1
+            e = expr()
+            eat({"|": "|", "\\lfloor": "\\rfloor", "\\lceil": "\\rceil"}[t])
+            return {"|": sympy.Abs, "\\lfloor": sympy.floor, "\\lceil": sympy.ceiling}[t](e, evaluate=False)
+        if not nofunc and (f := attempt(func)) is not None:  # "f(x)" is a call before it is f·x
+            return f
+        return atom()
+
+    def func():
+        nonlocal pos
+        t = peek()
+        pos += 1
+        if t[1:] in LATEX_FUNCS and t[0] == "\\":
+            name, start = t[1:], pos
+            for cap in (None, 5, 4, 3, 2, 1):  # "\log_23": the script's digits leave some for the argument
+                pos, sub, sup = start, None, None
+                try:
+                    if peek() == "_":
+                        sub = subscript(cap)
+                    if peek() == "^":
+                        sup = superscript(cap)
+                    if sub is None and peek() == "_":
+                        sub = subscript(cap)
+                    arg = attempt(call_args, True) if peek() == "(" else None
+                    arg = mp(True) if arg is None else arg
+                    break
+                except LatexNoMatch:
+                    if cap == 1:
+                        raise
+            if name in LATEX_INVERSES:
+                f = getattr(sympy, LATEX_INVERSES[name])(arg, evaluate=False)
+            elif name == "exp":
+                f = sympy.exp(arg, evaluate=False)
+            elif name in ("log", "lg", "ln"):
+                f = sympy.log(arg, sub if sub is not None else 10 if name == "lg" else sympy.E, evaluate=False)
+            should_pow = True
+            if name in ("sin", "cos", "tan", "csc", "sec", "cot", "sinh", "cosh", "tanh"):
+                if sup == -1:  # \sin^{-1} is arcsin
+                    name, should_pow = "a" + name, False
+                f = getattr(sympy, name)(arg, evaluate=False)
+            return sympy.Pow(f, sup, evaluate=False) if sup and should_pow else f
+        if is_letter(t) or is_symbol(t):
+            name = t.lstrip("\\") + name_suffix()
+            return sympy.Function(name)(*call_args(False))
+        if t == "\\sqrt":
+            root = None
+            if peek() == "[":
+                pos += 1
+                root = expr()
+                eat("]")
+            base = braced()
+            return sympy.sqrt(base, evaluate=False) if root is None else sympy.root(base, root, evaluate=False)
+        if t == "\\overline":
+            return sympy.conjugate(braced(), evaluate=False)
+        raise LatexNoMatch(text)  # \int, \sum, \prod, \lim: not needed for final answers
+
+    def leibniz():  # \frac{dy}{dx} is sympy's Derivative(y, x); \frac{d}{dx} an operator on what follows
+        nonlocal pos
+        depth, end = 0, pos
+        for end in range(pos, len(toks)):
+            depth += (toks[end] == "{") - (toks[end] == "}")
+            if depth == 0 or toks[end] is None:
+                break
+        upper, lower = toks[pos + 1:end], toks[end + 1:end + 4]
+        if not (upper and upper[0] and (upper[0][0] == "∂" or upper[0] == "d") and len(lower) == 3
+                and lower[0] == "{" and (lower[1] or "")[:1] == "∂" and lower[2] == "}" and toks[pos] == "{"):
+            return None
+        wrt = sympy.Symbol(lower[1][1:].lstrip("\\"))
+        if upper == ["d"]:
+            pos = end + 4
+            return (wrt,)
+        top = latex_to_sympy(text, ([upper[0][1:]] if upper[0][0] == "∂" else []) + upper[1:])
+        if not top:
+            return None
+        pos = end + 4
+        return sympy.Derivative(top, wrt)
+
+    def frac_part():  # \frac12: a single digit needs no braces
+        nonlocal pos
+        if is_digit(peek()):
+            pos += 1
+            return sympy.Number(toks[pos - 1])
+        return braced()
+
+    def call_args(first_only):
+        nonlocal pos
+        eat("(")
+        args = [expr()]
+        while peek() == ",":
+            pos += 1
+            args.append(expr())
+        eat(")")
+        return args[0] if first_only else args
+
+    def atom(cap=None):  # cap: read at most this many digits of a number
+        nonlocal pos
+        t = peek()
+        if is_letter(t) or is_symbol(t):
+            pos += 1
+            suffix = name_suffix()
+            return sympy.oo if t == "\\infty" else sympy.Symbol(t.lstrip("\\") + suffix)
+        if is_digit(t):  # DIGIT+ (',' DIGIT DIGIT DIGIT)* ('.' DIGIT+)?
+            digits = ""
+            while is_digit(peek()) and (cap is None or len(digits) < cap):
+                digits += toks[pos]
+                pos += 1
+            while peek() == "," and all(is_digit(peek(k)) for k in (1, 2, 3)):
+                digits += "".join(toks[pos + 1:pos + 4])
+                pos += 4
+            if peek() == ".":  # a point after digits must be followed by digits ("2." fails)
+                digits += "."
+                pos += 1
+                if not is_digit(peek()):
+                    raise LatexError(text)
+                while is_digit(peek()):
+                    digits += toks[pos]
+                    pos += 1
+            return sympy.Number(digits)
+        if t.startswith("∂"):  # a differential "dx": one symbol
+            pos += 1
+            return sympy.Symbol("d" + t[1:].lstrip("\\"))
+        if t == "\\mathit":
+            pos += 1
+            eat("{")
+            letters = ""
+            while is_letter(peek()):
+                letters += toks[pos]
+                pos += 1
+            eat("}")
+            return sympy.Symbol(letters)
+        if t in ("\\frac", "\\dfrac", "\\tfrac", "\\binom", "\\dbinom", "\\tbinom"):
+            pos += 1
+            if t.endswith("frac") and (d := leibniz()) is not None:
+                return d
+            top, bottom = (frac_part(), frac_part()) if t.endswith("frac") else (braced(), braced())
+            if t.endswith("binom"):
+                return sympy.binomial(top, bottom, evaluate=False)
+            inverse = sympy.Pow(bottom, -1, evaluate=False)
+            return inverse if top == 1 else sympy.Mul(top, inverse, evaluate=False)
+        raise LatexNoMatch(text)
+
+    return relation()
+
+
+# -----------------------------------------------------------------------------
+# grading many answers: each comparison in a worker process under a time limit, as the toolkit
+# does (sympy can take minutes, or hang in C code, on a pathological expression)
+
+
+def grade_worker(conn):
+    while (job := conn.recv()) is not None:
+        try:
+            conn.send(math_equal(*job))
+        except Exception:  # the toolkit's pool would stop the whole run here; one answer is wrong instead
+            conn.send(False)
+
+
+class Grader:
+    """grade(completion, gt, name) -> (pred, correct). Extraction runs here; the comparison runs in
+    a forked worker that is replaced when it overruns `timeout` (the answer then counts as wrong)."""
+
+    def __init__(self, timeout):
+        self.timeout, self.worker, self.timeouts = timeout, None, 0
+        self.ctx = multiprocessing.get_context("fork") if "fork" in multiprocessing.get_all_start_methods() else None
+
+    def grade(self, completion, gt, name):
+        pred = predict(completion, name, gt)
+        if self.ctx is None:  # no fork (Windows): compare in this process, without a time limit
+            return pred, math_equal(pred, gt)
+        if self.worker is None:
+            self.conn, child = self.ctx.Pipe()
+            self.worker = self.ctx.Process(target=grade_worker, args=(child,), daemon=True)
+            self.worker.start()
+        self.conn.send((pred, gt))
+        if self.conn.poll(self.timeout):
+            try:
+                return pred, self.conn.recv()
+            except EOFError:  # the worker died (out of memory?): a new one takes the next answer
+                pass
+        self.worker.kill()
+        self.worker.join()
+        self.worker, self.timeouts = None, self.timeouts + 1
+        return pred, False
+
+    def close(self):
+        if self.worker is not None:
+            self.conn.send(None)
+            self.worker.join()
+            self.worker = None
+
+
+# -----------------------------------------------------------------------------
+# the stage
+
+
+def load_benchmark(name, data_dir):
+    """Problems [{idx, question, gt}] of one benchmark, its file downloaded once if missing."""
+    path = os.path.join(data_dir, name, "test.jsonl")
+    if not os.path.exists(path):
+        download(DATA_URL.format(name), path)
+    problems = []
+    for n, record in read_jsonl(path, f"{name} benchmark file", with_lines=True):
+        try:
+            problems.append(dict(idx=record.get("idx", n - 1), question=parse_question(record, name),
+                                 gt=parse_gt(record, name)))
+        except (KeyError, IndexError, TypeError, AttributeError) as e:
+            die(f"{path}:{n}: not a {name} record in the toolkit's format ({type(e).__name__}: {e}); "
+                f"get the file from {DATA_URL.format(name)}")
+    if not problems:
+        die(f"{path} holds no problems; get the file from {DATA_URL.format(name)}")
+    return path, problems
+
+
+@torch.no_grad()
+def generate(net, tok, prompts, stop_ids, max_new_tokens, engine="generate"):
+    """Greedy completions of a batch of prompts (lists of token ids), each cut at its first stop token.
+    engine "generate": one left-padded batch through model.generate; "continuous": transformers'
+    continuous batching (model.generate_batch), which refills finished rows with waiting prompts.
+    Both give the same tokens (tests). Returns (texts, number of generated tokens)."""
+    config = greedy_config(max_new_tokens, stop_ids, tok.pad_token_id)  # greedy whatever the model ships
+    if engine == "continuous":
+        results = net.generate_batch(prompts, generation_config=config, progress_bar=False)
+        out = [list(r.generated_tokens) for r in results.values()]  # in the order of `prompts`
+    else:
+        width = max(map(len, prompts))
+        dev = net.device
+        input_ids = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p in prompts], device=dev)  # (B, T)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=dev)  # (B, T)
+        out = net.generate(input_ids=input_ids, attention_mask=mask, generation_config=config)[:, width:].tolist()
+    texts, n_tokens = [], 0
+    for row in out:
+        cut = next((i for i, t in enumerate(row) if t in stop_ids), len(row))
+        texts.append(tok.decode(row[:cut], skip_special_tokens=True))
+        n_tokens += cut
+    return texts, n_tokens
+
+
+def run_benchmark(net, tok, stop_ids, grader, name, problems, rows_path, desc):
+    """Generate and grade the problems not yet in rows_path -> (n, correct) over `problems`, new tokens."""
+    done = {r["idx"]: r for r in complete_lines(rows_path)}  # resume: graded rows are kept
+    todo = [p for p in problems if p["idx"] not in done]
+    prompt_ids = {p["idx"]: tok(PROMPT.format(question=p["question"]), add_special_tokens=False)["input_ids"] for p in todo}
+    todo.sort(key=lambda p: -len(prompt_ids[p["idx"]]))  # similar lengths share a batch: little padding
+    correct = sum(done[p["idx"]]["correct"] for p in problems if p["idx"] in done)
+    bar = tqdm(total=len(problems), initial=len(problems) - len(todo), desc=desc, unit="problem", dynamic_ncols=True)
+    n_tokens, t0 = 0, time.time()
+    for start in range(0, len(todo), batch_size):
+        batch = todo[start:start + batch_size]
+        texts, n = generate(net, tok, [prompt_ids[p["idx"]] for p in batch], stop_ids, max_new_tokens, engine)
+        rows = []
+        for p, text in zip(batch, texts):
+            pred, ok = grader.grade(text, p["gt"], name)
+            rows.append(dict(idx=p["idx"], question=p["question"], gt=p["gt"], completion=text, pred=pred, correct=ok))
+        append_jsonl(rows_path, rows)
+        n_tokens, correct = n_tokens + n, correct + sum(r["correct"] for r in rows)
+        bar.update(len(rows))
+        bar.set_postfix(acc=f"{100 * correct / bar.n:.1f}%", tok_s=f"{n_tokens / (time.time() - t0):.0f}")
+    bar.close()
+    # the finished file in benchmark order, rewritten whole (atomically) for easy reading
+    rows = {r["idx"]: r for r in complete_lines(rows_path)}
+    order = [p["idx"] for p in problems] + sorted((i for i in rows if i not in {p["idx"] for p in problems}), key=str)
+    with open(rows_path + ".tmp", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(rows[i], ensure_ascii=False) + "\n" for i in order if i in rows)
+    os.replace(rows_path + ".tmp", rows_path)
+    return len(problems), sum(rows[p["idx"]]["correct"] for p in problems), n_tokens
+
+
+def save_summary(tag_dir, name, n, correct):
+    path = os.path.join(tag_dir, "summary.json")
+    summary = read_json(path) if os.path.exists(path) else {}
+    summary[name] = dict(n=n, correct=correct, accuracy=round(100 * correct / max(n, 1), 2))
+    write_json(path, summary)
+
+
+def print_table(results):
+    """results: {tag: {bench: (n, correct)}} -> benchmark, n, accuracy per model, and the delta."""
+    tags = list(results)
+    names = [b for b in BENCHMARKS if b in results[tags[0]]]
+    width = max(12, *(len(t) + 2 for t in tags))
+    print("benchmark".ljust(14) + "n".rjust(6) + "".join(t.rjust(width) for t in tags) + ("delta".rjust(8) if len(tags) == 2 else ""))
+    accs = {t: [] for t in tags}
+    for b in names:
+        line = b.ljust(14) + str(results[tags[0]][b][0]).rjust(6)
+        for t in tags:
+            n, c = results[t][b]
+            accs[t].append(100 * c / max(n, 1))
+            line += f"{accs[t][-1]:.1f}".rjust(width)
+        print(line + (f"{accs[tags[1]][-1] - accs[tags[0]][-1]:+.1f}".rjust(8) if len(tags) == 2 else ""))
+    if len(names) > 1:
+        avg = {t: sum(accs[t]) / len(accs[t]) for t in tags}
+        print("average".ljust(20) + "".join(f"{avg[t]:.1f}".rjust(width) for t in tags) +
+              (f"{avg[tags[1]] - avg[tags[0]]:+.1f}".rjust(8) if len(tags) == 2 else ""))
+
+
+# -----------------------------------------------------------------------------
+if __name__ == "__main__":
+    globals().update(parse_flags({k: globals()[k] for k in config_keys}, __doc__))
+    names = BENCHMARKS if bench == "all" else [b.strip() for b in bench.split(",") if b.strip()]
+    for b in names:
+        if b not in BENCHMARKS:
+            die(f"unknown benchmark {b!r}; choose from {', '.join(BENCHMARKS)} (a comma list) or all")
+    if limit != "" and not (limit.isdigit() and int(limit) >= 1):
+        die(f"--limit {limit} must be a whole number ≥ 1 (leave it out to evaluate every problem)")
+    if engine not in ("generate", "continuous"):
+        die(f"--engine {engine} is not one of: generate, continuous")
+    if max_new_tokens < 1 or batch_size < 1 or grade_timeout <= 0:
+        die("--max-new-tokens and --batch-size must be ≥ 1, --grade-timeout > 0")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # we fork grading workers; keep tokenizers quiet
+    grader = Grader(grade_timeout)
+    t_start = time.time()
+
+    # ---- grade saved completions (from any engine): no model at all
+    if completions:
+        if len(names) != 1:
+            die("--completions grades one benchmark; pass --bench with a single name")
+        name = names[0]
+        path, problems = load_benchmark(name, data_dir)
+        by_idx = {p["idx"]: p for p in problems}
+        wanted = {p["idx"] for p in problems[:int(limit)]} if limit else set(by_idx)
+        lines = read_jsonl(completions, "completions file", with_lines=True)
+        for n, row in lines:
+            if "idx" not in row or not isinstance(row.get("completion"), str):
+                die(f"{completions}:{n}: a line needs \"idx\" and a string \"completion\", like "
+                    "{\"idx\": 0, \"completion\": \"... \\\\boxed{18}\"}")
+            if row["idx"] not in by_idx:
+                die(f"{completions}:{n}: idx {row['idx']!r} is not a problem of {name} ({path})")
+        tag = os.path.splitext(os.path.basename(completions))[0]
+        tag_dir = os.path.join(out_dir, "eval", tag)
+        os.makedirs(tag_dir, exist_ok=True)
+        rows = []
+        bar = tqdm([row for _, row in lines if row["idx"] in wanted], desc=f"grading {name}", unit="answer", dynamic_ncols=True)
+        for row in bar:
+            p = by_idx[row["idx"]]
+            pred, ok = grader.grade(row["completion"], p["gt"], name)
+            rows.append(dict(idx=p["idx"], question=p["question"], gt=p["gt"], completion=row["completion"], pred=pred, correct=ok))
+            bar.set_postfix(acc=f"{100 * sum(r['correct'] for r in rows) / len(rows):.1f}%", refresh=False)
+        rows_path = os.path.join(tag_dir, f"{name}.jsonl")
+        with open(rows_path + ".tmp", "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        os.replace(rows_path + ".tmp", rows_path)
+        correct = sum(r["correct"] for r in rows)
+        save_summary(tag_dir, name, len(rows), correct)
+        grader.close()
+        print_table({tag: {name: (len(rows), correct)}})
+        print(f"graded {len(rows)} completions in {time.time() - t_start:.1f}s ({grader.timeouts} timed out) -> {rows_path}")
+        raise SystemExit(0)
+
+    # ---- or generate: the base model, then base + adapter when there is one
+    config_path = os.path.join(out_dir, "sample_config.json")
+    base = model or (read_json(config_path).get("config", {}).get("expert") if os.path.exists(config_path) else None) \
+        or "Qwen/Qwen2.5-Math-1.5B"
+    default_adapter = os.path.join(out_dir, "lora")
+    adapter_dir = None if adapter == "none" else adapter or (default_adapter if os.path.isdir(default_adapter) else None)
+    if adapter_dir is not None and not os.path.isfile(os.path.join(adapter_dir, "adapter_config.json")):
+        die(f"{adapter_dir} is not a peft adapter (no adapter_config.json); pass the directory train.py "
+            "wrote (out/lora) or --adapter none")
+    benches = {name: load_benchmark(name, data_dir)[1][:int(limit) if limit else None] for name in names}
+    dev = pick_device(device)
+    tok = load_tokenizer(base)
+    net = load_model(base, dev, pick_dtype(dtype, dev))
+    stop_ids = stop_token_ids(tok, net)
+    tag = os.path.basename(os.path.normpath(base))
+    runs = [(tag, None)] + ([(f"{tag}+{os.path.basename(os.path.normpath(adapter_dir))}", adapter_dir)] if adapter_dir else [])
+    results, n_tokens = {}, 0
+    for run_tag, adapter_path in runs:
+        if adapter_path:
+            from peft import PeftModel
+            try:
+                net = PeftModel.from_pretrained(net, adapter_path).eval()
+            except Exception as e:
+                die(f"cannot apply the adapter {adapter_path} to {base}: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}")
+        tag_dir = os.path.join(out_dir, "eval", run_tag)
+        os.makedirs(tag_dir, exist_ok=True)
+        results[run_tag] = {}
+        for name, problems in benches.items():
+            n, correct, n_new = run_benchmark(net, tok, stop_ids, grader, name, problems,
+                                              os.path.join(tag_dir, f"{name}.jsonl"), f"{run_tag} {name}")
+            results[run_tag][name], n_tokens = (n, correct), n_tokens + n_new
+            save_summary(tag_dir, name, n, correct)
+    grader.close()
+    print_table(results)
+    wall = time.time() - t_start
+    print(f"{sum(len(p) for p in benches.values())} problems x {len(runs)} model(s); {n_tokens} tokens generated "
+          f"in {wall:.0f}s ({n_tokens / wall:.1f} tokens/s); rows and summary.json in {os.path.join(out_dir, 'eval')}")

@@ -1,0 +1,289 @@
+"""
+Stage 3 (evaluate.py). The grader must give the official Qwen2.5-Math toolkit's labels: the
+expected values below (and in tests/data/eval/) were produced by running the toolkit's own
+parser.py/grader.py (sympy 1.12, antlr4 4.11) on the same inputs.
+"""
+import json
+import os
+import runpy
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # our evaluate.py, not a package of the same name
+import evaluate as E  # noqa: E402
+EVAL_DATA = os.path.join(ROOT, "tests", "data", "eval")
+
+
+def run_cli(args, cwd=None, check=True):
+    """evaluate.py as a separate process, as a user runs it (no network: any download fails fast)."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               https_proxy="http://127.0.0.1:9", HTTPS_PROXY="http://127.0.0.1:9")
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), *map(str, args)], cwd=cwd or ROOT,
+                          env=env, capture_output=True, text=True, timeout=300)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"evaluate.py failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def run_inprocess(args, capsys, monkeypatch):
+    """evaluate.py's command line in this process (fast: torch is already imported); -> (code, stderr)."""
+    monkeypatch.setattr(sys, "argv", ["evaluate.py", *map(str, args)])
+    monkeypatch.setenv("https_proxy", "http://127.0.0.1:9")
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
+    with pytest.raises(SystemExit) as e:
+        runpy.run_path(os.path.join(ROOT, "evaluate.py"), run_name="__main__")
+    return e.value.code, capsys.readouterr().err
+
+
+# -----------------------------------------------------------------------------
+# questions and ground truths, on real records of every benchmark
+
+
+@pytest.mark.parametrize("name", E.BENCHMARKS)
+def test_question_and_gt_parsing_matches_the_toolkit_on_real_records(name):
+    expected = json.load(open(os.path.join(EVAL_DATA, "expected_parse.json")))[name]
+    records = [json.loads(line) for line in open(os.path.join(EVAL_DATA, name, "test.jsonl"))]
+    assert len(records) == len(expected) >= 3
+    for record, want in zip(records, expected):
+        assert E.parse_question(dict(record), name) == want["question"]
+        assert E.parse_gt(dict(record), name) == want["gt"]
+
+
+def test_question_formats_per_benchmark():
+    svamp = {"Body": "There are 5 apples", "Question": "How many?", "Answer": 5.0}
+    assert E.parse_question(svamp, "svamp") == "There are 5 apples. How many?"  # a period is added
+    asdiv = {"body": "Tessa has 4 apples.", "question": "Is that enough?", "answer": "Yes"}
+    assert E.parse_question(asdiv, "asdiv") == "Tessa has 4 apples. Is that enough? (Yes or No)"
+    assert E.parse_gt({"body": "", "question": "", "answer": "9 (apples)"}, "asdiv") == "9"
+    mmlu = {"question": "Pick one", "choices": ["a", "b", "c", "d"], "answer": 3}
+    assert E.parse_question(mmlu, "mmlu_stem") == "Pick one\nAnswer Choices: (A) a (B) b (C) c (D) d"
+    assert E.parse_gt(mmlu, "mmlu_stem") == "D"
+    assert E.parse_gt({"final_answer": ["$\\frac{1}{2}$"]}, "olympiadbench") == "\\frac{1}{2}"
+    assert E.parse_gt({"final_answer": ["True"], "question": "q"}, "olympiadbench") == "True"
+    assert E.parse_question({"final_answer": ["True"], "question": "Is it?"}, "olympiadbench") == "Is it? (True or False)"
+    assert E.parse_gt({"solution": "so \\boxed{\\frac{3}{4}} and \\boxed{\\{1,2\\}}"}, "math") == "{1,2}"
+    assert E.parse_gt({"answer": "Work...\n#### 1,000"}, "gsm8k") == "1,000"  # commas are not removed
+
+
+def test_prompt_is_the_toolkits_qwen25_math_cot_format():
+    assert E.PROMPT.format(question="What is 1+1?") == (
+        "<|im_start|>system\nPlease reason step by step, and put your final answer within \\boxed{}.<|im_end|>\n"
+        "<|im_start|>user\nWhat is 1+1?<|im_end|>\n<|im_start|>assistant\n")
+
+
+# -----------------------------------------------------------------------------
+# extraction and equivalence: (benchmark, completion, ground truth) -> the toolkit's (pred, correct)
+
+CASES = json.load(open(os.path.join(EVAL_DATA, "grading_cases.json"), encoding="utf-8"))
+
+
+@pytest.mark.parametrize("name,completion,gt,pred,correct", CASES, ids=[f"{c[0]}:{c[1][-40:]}" for c in CASES])
+def test_grading_case_matches_the_toolkit(name, completion, gt, pred, correct):
+    assert E.predict(completion, name, gt) == pred
+    assert E.math_equal(pred, gt) == correct
+
+
+def test_agreement_with_official_labels_on_realistic_completions():
+    """Completions built from every benchmark's reference solutions and answers in many forms (and
+    wrong ones), labelled by the official toolkit: we must give the same label to every one."""
+    rows = [json.loads(line) for line in open(os.path.join(EVAL_DATA, "agreement.jsonl"), encoding="utf-8")]
+    assert len(rows) >= 300 and {r["bench"] for r in rows} == set(E.BENCHMARKS)
+    bad = []
+    for r in rows:
+        pred = E.predict(r["completion"], r["bench"], r["gt"])
+        if pred != r["pred"] or E.math_equal(pred, r["gt"]) != r["correct"]:
+            bad.append((r["bench"], r["completion"][-60:], r["gt"], r["pred"], pred))
+    assert not bad, bad[:5]
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("2+", "2"), ("2,3", "2"), ("10{,}000", "10"), ("1,000", "1000"), ("\\frac12", "1/2"),
+    ("\\frac{1}{2}\\pi", "pi/2"), ("2x", "2*x"), ("x(1+2)", "x(1 + 2)"), ("2^10", "2**10"),
+    ("\\sqrt[3]{2}", "2**(1/3)"), ("\\log 100", "log(100, E)"), ("\\sin^2 x", "sin(x)**2"),
+    ("\\tan^{-1}(1)", "atan(1)"), ("a_n", "a_{n}"), ("|3|", "Abs(3)"), ("3!", "factorial(3)"),
+    ("\\infty", "oo"), ("x=2", "Eq(x, 2)"), ("3\\sqrt2", "3"), ("1.5\\text{ cm}", "1.5*(text*(c*m))"),
+])
+def test_latex_reader_reads_like_sympy_parse_latex(text, expected):
+    assert str(E.latex_to_sympy(text)) == expected
+
+
+@pytest.mark.parametrize("text", ["\\sqrt2", "(1,2)", "2=", "x_{1", "2 $", "\\frac{1}{2", "0.Hence", ""])
+def test_latex_reader_rejects_what_sympy_parse_latex_rejects(text):
+    with pytest.raises(ValueError):
+        E.latex_to_sympy(text)
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("five", "5"), ("two apples", "2"), ("twenty-one", "21"), ("one hundred five", "105"),
+    ("three thousand two hundred", "3200"), ("one point five", "1.5"), ("007", "7"), ("point", "0"),
+    ("hello", "hello"), ("one thousand one thousand", "one thousand one thousand"), ("\\text{two}", "\\text{two}"),
+])
+def test_number_words_follow_word2number(text, expected):
+    assert E.words_to_number(text) == expected
+
+
+def test_normalize_strips_like_strip_string():
+    assert E.normalize("\\left( \\dfrac{1}{2}, 3 \\right)") == "(\\frac{1}{2},3)"
+    assert E.normalize("5\\text{ cm}") == "5"
+    assert E.normalize("90^\\circ") == "90"
+    assert E.normalize("\\$1,000.00") == "1,000"
+    assert E.normalize("x = \\frac12") == "\\frac{1}{2}"
+    assert E.normalize("3/4") == "\\frac{3}{4}"
+    assert E.normalize("\\sqrt2") == "\\sqrt{2}"
+    assert E.normalize(".5") == "0.5"
+    assert E.normalize("5 \\mathrm{~cm}", skip_unit=True) == "5\\mathrm{~cm}"  # Minerva keeps units
+
+
+def test_a_slow_comparison_times_out_as_wrong_and_grading_goes_on():
+    grader = E.Grader(timeout=0.001)  # far too short for sympy
+    pred, ok = grader.grade("\\boxed{\\frac{\\sqrt{\\sqrt{11}+\\sqrt{194}}}{2\\sqrt{33}+15}}", "\\sqrt{2}", "math")
+    assert (pred, ok, grader.timeouts) == ("\\frac{\\sqrt{\\sqrt{11}+\\sqrt{194}}}{2\\sqrt{33}+15}", False, 1)
+    grader.timeout = 5.0
+    assert grader.grade("\\boxed{0.5}", "\\frac{1}{2}", "math") == ("0.5", True)
+    grader.close()
+
+
+# -----------------------------------------------------------------------------
+# --completions: grade any engine's outputs without a model
+
+
+def test_completions_mode_grades_every_line_in_order_duplicates_included(tmp_path):
+    lines = [{"idx": 0, "completion": "so \\boxed{18}"},
+             {"idx": 2, "completion": "The answer is 70,000."},
+             {"idx": 0, "completion": "\\boxed{17}"},  # a second sample of problem 0
+             {"idx": 1, "completion": "3 bolts"}]
+    path = tmp_path / "vllm_out.jsonl"
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    proc = run_cli(["--bench", "gsm8k", "--completions", path, "--data-dir", EVAL_DATA, "--out-dir", tmp_path / "out"])
+    rows = [json.loads(line) for line in open(tmp_path / "out" / "eval" / "vllm_out" / "gsm8k.jsonl")]
+    assert [(r["idx"], r["pred"], r["correct"]) for r in rows] == [(0, "18", True), (2, "70,000", True),
+                                                                   (0, "17", False), (1, "3", True)]
+    assert rows[0]["gt"] == "18" and rows[0]["question"].startswith("Janet")
+    summary = json.load(open(tmp_path / "out" / "eval" / "vllm_out" / "summary.json"))
+    assert summary["gsm8k"] == {"n": 4, "correct": 3, "accuracy": 75.0}
+    assert "gsm8k" in proc.stdout and "75.0" in proc.stdout
+
+
+# -----------------------------------------------------------------------------
+# a tiny model end to end: base, base + LoRA adapter, and resuming
+
+
+def make_adapter(model_dir, out):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir),
+                           LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    model.save_pretrained(out)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # peft calls a deprecated transformers helper
+def test_tiny_model_end_to_end_with_adapter_and_resume(tiny_models, tmp_path):
+    out = tmp_path / "out"
+    make_adapter(tiny_models["expert"], out / "lora")  # where train.py writes it: picked up by default
+    args = ["--model", tiny_models["expert"], "--bench", "gsm8k,mmlu_stem", "--data-dir", EVAL_DATA,
+            "--out-dir", out, "--limit", 3, "--max-new-tokens", 8, "--batch-size", 2]
+    proc = run_cli(args)
+    base, tuned = out / "eval" / "expert", out / "eval" / "expert+lora"
+    for tag_dir in (base, tuned):
+        for name in ("gsm8k", "mmlu_stem"):
+            rows = [json.loads(line) for line in open(tag_dir / f"{name}.jsonl")]
+            assert [r["idx"] for r in rows] == [0, 1, 2]
+            assert set(rows[0]) == {"idx", "question", "gt", "completion", "pred", "correct"}
+        summary = json.load(open(tag_dir / "summary.json"))
+        assert summary["gsm8k"]["n"] == 3 and summary["mmlu_stem"]["n"] == 3
+    header = next(line for line in proc.stdout.splitlines() if line.startswith("benchmark"))
+    assert "expert" in header and "expert+lora" in header and "delta" in header
+    # the adapter changes what the model writes
+    first = lambda d: [json.loads(line)["completion"] for line in open(d / "gsm8k.jsonl")]
+    assert first(base) != first(tuned)
+
+    # resume after a kill -9: a half-written line and a missing row are the only work left
+    rows_path = base / "gsm8k.jsonl"
+    lines = open(rows_path).read().splitlines(keepends=True)
+    kept = lines[:1]
+    open(rows_path, "w").write("".join(kept) + lines[1][:20])
+    # ...and with no --model, the expert that sample.py used (out/sample_config.json) is evaluated
+    (out / "sample_config.json").write_text(json.dumps({"config": {"expert": tiny_models["expert"]}}))
+    proc = run_cli([a for a in args if a != tiny_models["expert"] and a != "--model"] + ["--adapter", "none"])
+    rows = [json.loads(line) for line in open(rows_path)]
+    assert [r["idx"] for r in rows] == [0, 1, 2] and json.dumps(rows[0], ensure_ascii=False) + "\n" == kept[0]
+    assert [json.loads(line)["completion"] for line in lines] == [r["completion"] for r in rows]  # greedy: same text
+    assert "expert+lora" not in proc.stdout
+
+
+# -----------------------------------------------------------------------------
+# mistakes end in one line and exit code 2
+
+
+def test_unknown_benchmark_lists_the_valid_ones(capsys, monkeypatch):
+    code, err = run_inprocess(["--bench", "gsm8k,aime"], capsys, monkeypatch)
+    assert code == 2 and err.count("\n") == 1 and "'aime'" in err and "olympiadbench" in err
+
+
+def test_a_real_run_exits_2_without_traceback():
+    proc = run_cli(["--bench", "nope"], check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and proc.stderr.startswith("error:")
+
+
+@pytest.mark.parametrize("limit", ["0", "-3", "abc"])
+def test_limit_below_one_is_refused(limit, capsys, monkeypatch):
+    code, err = run_inprocess(["--bench", "gsm8k", "--limit", limit], capsys, monkeypatch)
+    assert code == 2 and "--limit" in err
+
+
+def test_missing_benchmark_file_offline_names_the_path(tmp_path, capsys, monkeypatch):
+    code, err = run_inprocess(["--bench", "svamp", "--completions", "x.jsonl", "--data-dir", tmp_path], capsys, monkeypatch)
+    last = err.strip().splitlines()[-1]  # after the "downloading ..." notice
+    assert code == 2 and last.startswith("error:") and os.path.join(str(tmp_path), "svamp", "test.jsonl") in last
+
+
+def test_malformed_benchmark_file_points_at_the_line(tmp_path, capsys, monkeypatch):
+    os.makedirs(tmp_path / "gsm8k")
+    (tmp_path / "gsm8k" / "test.jsonl").write_text('{"question": "q", "answer": "a #### 1"}\n{"question": \n')
+    code, err = run_inprocess(["--bench", "gsm8k", "--completions", "x.jsonl", "--data-dir", tmp_path], capsys, monkeypatch)
+    assert code == 2 and "test.jsonl:2" in err
+    (tmp_path / "gsm8k" / "test.jsonl").write_text('{"question": "q", "answer": "a #### 1"}\n{"question": "no answer"}\n')
+    code, err = run_inprocess(["--bench", "gsm8k", "--completions", "x.jsonl", "--data-dir", tmp_path], capsys, monkeypatch)
+    assert code == 2 and "test.jsonl:2" in err
+
+
+@pytest.mark.parametrize("content,message", [
+    ('{"idx": 0, "completion": "1"}\nnot json\n', "c.jsonl:2"),
+    ('{"idx": 0}\n', "c.jsonl:1"),
+    ('{"idx": 0, "completion": "1"}\n{"idx": 99, "completion": "1"}\n', "c.jsonl:2: idx 99 is not a problem"),
+])
+def test_bad_completions_file_points_at_the_line(content, message, tmp_path, capsys, monkeypatch):
+    (tmp_path / "c.jsonl").write_text(content)
+    code, err = run_inprocess(["--bench", "gsm8k", "--completions", tmp_path / "c.jsonl", "--data-dir", EVAL_DATA,
+                               "--out-dir", tmp_path], capsys, monkeypatch)
+    assert code == 2 and message in err and err.count("\n") == 1
+
+
+def test_completions_need_a_single_benchmark(tmp_path, capsys, monkeypatch):
+    code, err = run_inprocess(["--bench", "gsm8k,svamp", "--completions", "c.jsonl"], capsys, monkeypatch)
+    assert code == 2 and "one benchmark" in err
+
+
+def test_adapter_dir_that_is_not_a_peft_adapter(tmp_path, capsys, monkeypatch):
+    os.makedirs(tmp_path / "lora")
+    code, err = run_inprocess(["--bench", "gsm8k", "--adapter", tmp_path / "lora", "--data-dir", EVAL_DATA],
+                              capsys, monkeypatch)
+    assert code == 2 and "not a peft adapter" in err
+
+
+def test_continuous_batching_gives_the_same_completions_as_padded_batches(tiny_models):
+    from common import load_model, load_tokenizer, stop_token_ids
+    tok = load_tokenizer(tiny_models["expert"])
+    net = load_model(tiny_models["expert"], "cpu", torch.float32)
+    stop = stop_token_ids(tok, net)
+    questions = ["What is 2+2?", "A train leaves at 3 pm and travels 60 miles per hour. When does it arrive?", "Hi"]
+    prompts = [tok(E.PROMPT.format(question=q), add_special_tokens=False)["input_ids"] for q in questions]
+    padded = E.generate(net, tok, prompts, stop, 12, engine="generate")
+    continuous = E.generate(net, tok, prompts, stop, 12, engine="continuous")
+    assert padded == continuous and padded[1] > 0
