@@ -198,6 +198,15 @@ def append_jsonl(path, rows):
         os.fsync(f.fileno())
 
 
+def write_jsonl(path, rows):
+    """Rewrite a whole JSONL file atomically (a temporary file renamed over the old one)."""
+    with open(f"{path}.tmp", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(f"{path}.tmp", path)
+
+
 def write_json(path, obj):
     """Write JSON atomically: a temporary file renamed over the old one, never a half file."""
     tmp = f"{path}.tmp"

@@ -13,7 +13,6 @@ Qwen2.5-Math repository). Writes out/eval/<tag>/<bench>.jsonl (one graded row pe
 out/eval/<tag>/summary.json. Kill it at any moment and run it again: graded problems are kept.
 """
 import builtins
-import json
 import math
 import multiprocessing
 import os
@@ -26,7 +25,7 @@ from sympy.parsing.sympy_parser import parse_expr
 from tqdm import tqdm
 
 from common import (append_jsonl, complete_lines, die, download, greedy_config, load_model, load_tokenizer, parse_flags,
-                    pick_device, pick_dtype, read_json, read_jsonl, stop_token_ids, write_json)
+                    pick_device, pick_dtype, read_json, read_jsonl, stop_token_ids, write_json, write_jsonl)
 
 # -----------------------------------------------------------------------------
 # configuration: the defaults reproduce the paper's evaluation
@@ -910,9 +909,7 @@ def run_benchmark(net, tok, stop_ids, grader, name, problems, rows_path, desc):
     # the finished file in benchmark order, rewritten whole (atomically) for easy reading
     rows = {r["idx"]: r for r in complete_lines(rows_path)}
     order = [p["idx"] for p in problems] + sorted((i for i in rows if i not in {p["idx"] for p in problems}), key=str)
-    with open(rows_path + ".tmp", "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(rows[i], ensure_ascii=False) + "\n" for i in order if i in rows)
-    os.replace(rows_path + ".tmp", rows_path)
+    write_jsonl(rows_path, [rows[i] for i in order if i in rows])
     return len(problems), sum(rows[p["idx"]]["correct"] for p in problems), n_tokens
 
 
@@ -986,9 +983,7 @@ if __name__ == "__main__":
             rows.append(dict(idx=p["idx"], question=p["question"], gt=p["gt"], completion=row["completion"], pred=pred, correct=ok))
             bar.set_postfix(acc=f"{100 * sum(r['correct'] for r in rows) / len(rows):.1f}%", refresh=False)
         rows_path = os.path.join(tag_dir, f"{name}.jsonl")
-        with open(rows_path + ".tmp", "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-        os.replace(rows_path + ".tmp", rows_path)
+        write_jsonl(rows_path, rows)
         correct = sum(r["correct"] for r in rows)
         save_summary(tag_dir, name, len(rows), correct)
         grader.close()

@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 from common import (append_jsonl, chat_prompt_ids, complete_lines, die, download, greedy_config, load_model,
                     load_tokenizer, parse_flags, pick_device, pick_dtype, position_ids, read_json,
-                    read_jsonl, stop_token_ids, write_json)
+                    read_jsonl, stop_token_ids, write_json, write_jsonl)
 
 # -----------------------------------------------------------------------------
 # configuration: the defaults reproduce the paper
@@ -200,12 +200,7 @@ if __name__ == "__main__":
     rollouts = complete_lines(rollouts_path)
     assert [r["index"] for r in rollouts] == list(range(len(rollouts))), "rollouts.jsonl out of order"
     n_samples = sum(len(r["kept"]) for r in rollouts)
-    if os.path.exists(samples_path):
-        with open(samples_path, encoding="utf-8") as f:
-            lines = [line for line in f if line.endswith("\n")][:n_samples]
-        with open(samples_path + ".tmp", "w", encoding="utf-8") as f:
-            f.writelines(lines)
-        os.replace(samples_path + ".tmp", samples_path)
+    write_jsonl(samples_path, complete_lines(samples_path)[:n_samples])
     done = len(rollouts)
 
     # ---- sample. Batches keep fixed boundaries, so a resumed run pads (and rounds) exactly like

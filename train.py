@@ -19,7 +19,6 @@ per optimiser step), out/checkpoints/ and out/train_config.json. All kept positi
 lie on the same expert rollout, so one forward pass serves all of them ("packing").
 """
 import functools
-import json
 import math
 import os
 import shutil
@@ -31,7 +30,7 @@ from peft import LoraConfig, get_peft_model, load_peft_weights, set_peft_model_s
 from tqdm import tqdm
 
 from common import (append_jsonl, chat_prompt_ids, chat_prompt_text, complete_lines, die, load_model, load_tokenizer,
-                    parse_flags, pick_device, pick_dtype, read_json, read_jsonl, write_json)
+                    parse_flags, pick_device, pick_dtype, read_json, read_jsonl, write_json, write_jsonl)
 
 # -----------------------------------------------------------------------------
 # configuration: the defaults reproduce the paper (its reference script's Trainer settings)
@@ -280,10 +279,7 @@ if __name__ == "__main__":
         print(f"resuming {out_dir} from step {step}")
     elif resume:
         print(f"no checkpoint in {ckpt_dir}: starting from step 0")
-    log = [row for row in complete_lines(log_path) if row["step"] <= step]  # drop steps a kill undid
-    with open(log_path + ".tmp", "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(row) + "\n" for row in log)
-    os.replace(log_path + ".tmp", log_path)
+    write_jsonl(log_path, [row for row in complete_lines(log_path) if row["step"] <= step])  # drop steps a kill undid
 
     # ---- train: each step averages KL(v_C‖π_θ) over batch_size × grad_accum records
     t_start, start_step, processed = time.time(), step, 0

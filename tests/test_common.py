@@ -81,3 +81,10 @@ def test_download_uses_the_cache_and_fails_clearly(tmp_path, capsys):
         common.download("http://127.0.0.1:9/none", str(tmp_path / "x" / "t.jsonl"))
     err = capsys.readouterr().err
     assert e.value.code == 2 and "put the file at" in err and not (tmp_path / "x" / "t.jsonl").exists()
+
+
+def test_write_jsonl_rewrites_whole_lines_atomically(tmp_path):
+    path = tmp_path / "d.jsonl"
+    common.append_jsonl(path, [{"a": 1}, {"b": 2}])
+    common.write_jsonl(path, [{"b": "é"}])
+    assert path.read_text(encoding="utf-8") == '{"b": "é"}\n' and not os.path.exists(f"{path}.tmp")
