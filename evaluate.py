@@ -806,31 +806,37 @@ def grade_worker(conn):
 
 
 class Grader:
-    """grade(completion, gt, name) -> (pred, correct). Extraction runs here; the comparison runs in
-    a forked worker that is replaced when it overruns `timeout` (the answer then counts as wrong)."""
+    """grade(completion, gt, name) -> (pred, correct, timed_out). Extraction runs here; the comparison
+    runs in a forked worker that is replaced when it overruns `timeout` (the answer then counts as
+    wrong). The worker is forked at once, so create the Grader before a model touches CUDA."""
 
     def __init__(self, timeout):
         self.timeout, self.worker, self.timeouts = timeout, None, 0
         self.ctx = multiprocessing.get_context("fork") if "fork" in multiprocessing.get_all_start_methods() else None
+        self.start()
+
+    def start(self):
+        if self.ctx is not None and self.worker is None:
+            self.conn, child = self.ctx.Pipe()
+            self.worker = self.ctx.Process(target=grade_worker, args=(child,), daemon=True)
+            self.worker.start()
 
     def grade(self, completion, gt, name):
         pred = predict(completion, name, gt)
         if self.ctx is None:  # no fork (Windows): compare in this process, without a time limit
-            return pred, math_equal(pred, gt)
-        if self.worker is None:
-            self.conn, child = self.ctx.Pipe()
-            self.worker = self.ctx.Process(target=grade_worker, args=(child,), daemon=True)
-            self.worker.start()
+            return pred, math_equal(pred, gt), False
+        self.start()
         self.conn.send((pred, gt))
         if self.conn.poll(self.timeout):
             try:
-                return pred, self.conn.recv()
+                return pred, self.conn.recv(), False
             except EOFError:  # the worker died (out of memory?): a new one takes the next answer
                 pass
         self.worker.kill()
         self.worker.join()
         self.worker, self.timeouts = None, self.timeouts + 1
-        return pred, False
+        self.start()  # the next answer's worker, forked now
+        return pred, False, True
 
     def close(self):
         if self.worker is not None:
@@ -899,7 +905,7 @@ def run_benchmark(net, tok, stop_ids, grader, name, problems, rows_path, desc):
         texts, n = generate(net, tok, [prompt_ids[p["idx"]] for p in batch], stop_ids, max_new_tokens, engine)
         rows = []
         for p, text in zip(batch, texts):
-            pred, ok = grader.grade(text, p["gt"], name)
+            pred, ok, _ = grader.grade(text, p["gt"], name)
             rows.append(dict(idx=p["idx"], question=p["question"], gt=p["gt"], completion=text, pred=pred, correct=ok))
         append_jsonl(rows_path, rows)
         n_tokens, correct = n_tokens + n, correct + sum(r["correct"] for r in rows)
@@ -979,7 +985,7 @@ if __name__ == "__main__":
         bar = tqdm([row for _, row in lines if row["idx"] in wanted], desc=f"grading {name}", unit="answer", dynamic_ncols=True)
         for row in bar:
             p = by_idx[row["idx"]]
-            pred, ok = grader.grade(row["completion"], p["gt"], name)
+            pred, ok, _ = grader.grade(row["completion"], p["gt"], name)
             rows.append(dict(idx=p["idx"], question=p["question"], gt=p["gt"], completion=row["completion"], pred=pred, correct=ok))
             bar.set_postfix(acc=f"{100 * sum(r['correct'] for r in rows) / len(rows):.1f}%", refresh=False)
         rows_path = os.path.join(tag_dir, f"{name}.jsonl")

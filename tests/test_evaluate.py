@@ -140,10 +140,10 @@ def test_normalize_strips_like_strip_string():
 
 def test_a_slow_comparison_times_out_as_wrong_and_grading_goes_on():
     grader = E.Grader(timeout=0.001)  # far too short for sympy
-    pred, ok = grader.grade("\\boxed{\\frac{\\sqrt{\\sqrt{11}+\\sqrt{194}}}{2\\sqrt{33}+15}}", "\\sqrt{2}", "math")
-    assert (pred, ok, grader.timeouts) == ("\\frac{\\sqrt{\\sqrt{11}+\\sqrt{194}}}{2\\sqrt{33}+15}", False, 1)
+    pred, ok, timed_out = grader.grade("\\boxed{\\frac{\\sqrt{\\sqrt{11}+\\sqrt{194}}}{2\\sqrt{33}+15}}", "\\sqrt{2}", "math")
+    assert (pred, ok, timed_out, grader.timeouts) == ("\\frac{\\sqrt{\\sqrt{11}+\\sqrt{194}}}{2\\sqrt{33}+15}", False, True, 1)
     grader.timeout = 5.0
-    assert grader.grade("\\boxed{0.5}", "\\frac{1}{2}", "math") == ("0.5", True)
+    assert grader.grade("\\boxed{0.5}", "\\frac{1}{2}", "math") == ("0.5", True, False)
     grader.close()
 
 
