@@ -1,25 +1,37 @@
 """
-What the three LightReasoner stages share: device/dtype choice, loading a model and its tokenizer,
-the chat prompt, stop tokens, JSONL/JSON reading and writing, and downloading data once.
+What the three LightReasoner stages share: flags, device/dtype choice, several processes under
+torchrun, a lock on the output directory, loading a model and its tokenizer, the chat prompt, stop
+tokens, JSONL/JSON reading and writing, downloading data once, and the skeleton of the HTML pages.
 
 Every mistake a user can make (missing file, malformed line, model that is not there) ends in
 `die(...)`: one line on stderr naming the problem and the fix, exit code 2, no traceback.
 """
 import argparse
+import atexit
+import html
 import json
+import math
 import os
+import socket
 import sys
+import urllib.parse
 import urllib.request
 
 import torch
+import torch.distributed as dist
 
 # -----------------------------------------------------------------------------
 # errors
 
 
-def die(msg):
-    """One-line error for the user (file, what is wrong, how to fix it); exit code 2."""
-    print(f"error: {msg}", file=sys.stderr, flush=True)
+def die(msg, every_rank=False):
+    """One-line error for the user (file, what is wrong, how to fix it); exit code 2. Under torchrun
+    every process checks the same input, so only rank 0 says it; a problem only one rank can see
+    (its own part file) is said by that rank (every_rank=True)."""
+    if every_rank and WORLD_SIZE > 1:
+        msg = f"rank {RANK}: {msg}"
+    if RANK == 0 or every_rank:
+        print(f"error: {msg}", file=sys.stderr, flush=True)
     raise SystemExit(2)
 
 
@@ -27,17 +39,34 @@ def die(msg):
 # command line: one flag per configuration knob
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse prints its whole usage block; one line says enough
+        die(f"{message} (see --help)")
+
+
+def finite_float(text):
+    """A float flag: nan and inf are numbers no setting here can use (a β of nan keeps nothing)."""
+    x = float(text)
+    if not math.isfinite(x):
+        raise ValueError(text)
+    return x
+
+
+finite_float.__name__ = "finite number"  # argparse names the type in its message
+
+
 def parse_flags(defaults, doc):
     """Flags that mirror a script's configuration block one to one (`max_new_tokens` <->
     `--max-new-tokens`, same type and default), so the top of each script documents its CLI.
     Returns the configuration with the user's values in."""
-    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     for name, value in defaults.items():
         flag = "--" + name.replace("_", "-")
         if isinstance(value, bool):
             parser.add_argument(flag, action="store_true", default=value)
         else:
-            parser.add_argument(flag, type=type(value), default=value, help=f"default: {value}")
+            kind = finite_float if isinstance(value, float) else type(value)
+            parser.add_argument(flag, type=kind, default=value, help=f"default: {value}")
     return vars(parser.parse_args())
 
 
@@ -65,6 +94,77 @@ def pick_dtype(dtype, device):
 
 
 # -----------------------------------------------------------------------------
+# several processes: `torchrun --nproc_per_node N script.py` sets RANK, LOCAL_RANK and WORLD_SIZE
+# in each process's environment (as in nanoGPT); plain `python script.py` is rank 0 of 1.
+
+RANK = int(os.environ.get("RANK", 0))
+LOCAL_RANK = int(os.environ.get("LOCAL_RANK", 0))
+WORLD_SIZE = int(os.environ.get("WORLD_SIZE", 1))
+master = RANK == 0  # the one process that prints summaries and writes shared files
+
+
+def init_distributed(device):
+    """Join torchrun's process group (NCCL on CUDA, Gloo on the CPU) and return this process's
+    device: GPU LOCAL_RANK under torchrun, else what --device asks for."""
+    dev = pick_device(device)
+    if "RANK" not in os.environ:
+        return dev
+    if dev.startswith("cuda"):
+        dev = f"cuda:{LOCAL_RANK}"
+        torch.cuda.set_device(dev)
+    dist.init_process_group("nccl" if dev.startswith("cuda") else "gloo")
+    atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
+    return dev
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def sum_over_ranks(values, device):
+    """Element-wise sums of a list of numbers over all processes (the list itself in one process)."""
+    if not dist.is_initialized():
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def lock_dir(path, name):
+    """One run at a time per output directory: <path>/.<name>.lock is held with an OS lock (flock)
+    for the life of this process and holds its pid. The OS drops the lock when the process ends,
+    even by kill -9, so a dead owner's lock is simply taken over. A second run stops with one line."""
+    import fcntl  # POSIX; the scripts run on Linux
+    lock_path = os.path.join(path, f".{name}.lock")
+    f = open(lock_path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        owner = f.read().strip() or "unknown"
+        die(f"{path} is in use by another {name} run (pid {owner}); wait for it to end, or pass another --out-dir")
+    f.truncate(0)
+    f.write(str(os.getpid()))
+    f.flush()
+    _LOCKS.append(f)  # kept open (and locked) until the process exits
+
+
+_LOCKS = []
+
+
+def make_dir(path, what="--out-dir"):
+    """os.makedirs with a one-line error when a file stands where the directory should be."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        die(f"{what} {path} is a file, not a directory; pass a directory path")
+    except PermissionError:
+        die(f"{what} {path}: permission denied; pass a directory you can write to")
+    return path
+
+
+# -----------------------------------------------------------------------------
 # models and tokenizers (hub ids or local directories)
 
 
@@ -82,14 +182,35 @@ def _load_error(name, e):
         "(offline? download it once with hub access, or pass a local model directory)")
 
 
+def _from_pretrained(cls, name, **kwargs):
+    """cls.from_pretrained(name): a local directory or the hub cache first; the hub only when the
+    model is not there, and only after one quick check that the hub answers (unreachable, the
+    hub client retries for about a minute, printing a line per try)."""
+    from huggingface_hub import constants
+    try:
+        return cls.from_pretrained(name, local_files_only=True, **kwargs)
+    except Exception as e:  # not cached (OSError), or broken files (ValueError, ...)
+        if os.path.isdir(name) or constants.HF_HUB_OFFLINE:
+            _load_error(name, e)
+    host = urllib.parse.urlparse(constants.ENDPOINT)
+    proxied = any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"))
+    try:
+        if not proxied:  # behind a proxy only the hub client itself can tell
+            socket.create_connection((host.hostname, host.port or 443), timeout=5).close()
+    except OSError as e:
+        die(f"cannot load {name}: it is not in the local cache and {host.hostname} cannot be reached ({e}); "
+            "download it once with hub access, or pass a local model directory")
+    try:
+        return cls.from_pretrained(name, **kwargs)
+    except Exception as e:
+        _load_error(name, e)
+
+
 def load_tokenizer(name):
     """The tokenizer, padding on the left so a batch of prompts ends where generation starts."""
     from transformers import AutoTokenizer
     _check_model_name(name)
-    try:
-        tok = AutoTokenizer.from_pretrained(name)
-    except Exception as e:  # OSError offline, ValueError on broken files, ...
-        _load_error(name, e)
+    tok = _from_pretrained(AutoTokenizer, name)
     tok.padding_side = "left"
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token if tok.eos_token is not None else "<|endoftext|>"
@@ -101,11 +222,7 @@ def load_model(name, device, dtype):
     from transformers.utils import logging
     logging.disable_progress_bar()  # our own bars are the ones worth watching
     _check_model_name(name)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
-    except Exception as e:
-        _load_error(name, e)
-    return model.to(device).eval()
+    return _from_pretrained(AutoModelForCausalLM, name, dtype=dtype).to(device).eval()
 
 
 def chat_prompt_text(tok, question, system_prompt):
@@ -154,38 +271,72 @@ def position_ids(attention_mask):
 # JSON lines: read with file:line errors, append safely, recover from a kill -9
 
 
+def read_bytes(path, what):
+    """A whole file's bytes, with one-line errors for a path that is missing or not a file."""
+    if not os.path.exists(path):
+        die(f"{what} {path} does not exist")
+    if not os.path.isfile(path):
+        die(f"{what} {path} is a directory, not a file")
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        die(f"{what} {path} cannot be read ({e.strerror})")
+
+
+def parse_jsonl_line(line, where):
+    """One line of JSONL -> a dict, or a one-line error at `where` (file:line). Besides malformed
+    JSON, a lone surrogate escape ("\\ud800") is refused: it is no Unicode text, and writing it
+    back out would fail later, after work was done."""
+    try:
+        row = json.loads(line)
+    except (ValueError, RecursionError) as e:  # malformed, a 5000-digit number, [[[[... nested too deep
+        die(f"{where}: malformed JSON ({getattr(e, 'msg', type(e).__name__)}); fix or remove that line")
+    if not isinstance(row, dict):
+        die(f"{where}: expected a JSON object, got {type(row).__name__}")
+    if "\\ud" in line.lower():  # only then can a surrogate be in there
+        try:
+            json.dumps(row, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            die(f"{where}: holds a lone surrogate escape (like \"\\ud800\"), which is not text; fix or remove that line")
+    return row
+
+
 def read_jsonl(path, what="data file", with_lines=False):
     """Rows of a JSONL file (blank lines skipped); with_lines=True gives (line number, row) pairs
     so later checks can point at file:line too."""
-    if not os.path.exists(path):
-        die(f"{what} {path} does not exist")
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                die(f"{path}:{n}: malformed JSON ({e.msg}); fix or remove that line")
-            if not isinstance(row, dict):
-                die(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
+    for n, line in enumerate(read_bytes(path, what).split(b"\n"), 1):
+        try:
+            line = line.decode("utf-8")
+        except UnicodeDecodeError:
+            die(f"{path}:{n}: not UTF-8 text; is {path} really a JSONL {what}?")
+        if line.strip():
+            row = parse_jsonl_line(line, f"{path}:{n}")
             rows.append((n, row) if with_lines else row)
     return rows
 
 
 def complete_lines(path):
     """Rows of a JSONL file we write ourselves, after cutting off a half-written last line (what a
-    kill -9 in the middle of a write leaves behind). A missing file has no rows."""
+    kill -9 in the middle of a write leaves behind). A missing file has no rows; a damaged one
+    (edited by hand, overwritten) stops the run with its file:line."""
     if not os.path.exists(path):
         return []
-    with open(path, "rb") as f:
-        data = f.read()
+    data = read_bytes(path, "file")
     end = data.rfind(b"\n") + 1
     if end < len(data):
         with open(path, "r+b") as f:
             f.truncate(end)
-    return [json.loads(line) for line in data[:end].decode("utf-8").splitlines() if line.strip()]
+    rows = []
+    for n, line in enumerate(data[:end].split(b"\n"), 1):
+        try:
+            line = line.decode("utf-8")
+        except UnicodeDecodeError:
+            die(f"{path}:{n}: not UTF-8 text; this file is damaged: delete it (or its directory) and run again")
+        if line.strip():
+            rows.append(parse_jsonl_line(line, f"{path}:{n}"))
+    return rows
 
 
 def append_jsonl(path, rows):
@@ -218,9 +369,17 @@ def write_json(path, obj):
     os.replace(tmp, path)
 
 
-def read_json(path):
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+def read_json(path, fix="delete it and run again"):
+    """A JSON object written by write_json; a damaged one (truncated, not an object) stops the run
+    with one line that says how to get past it."""
+    data = read_bytes(path, "file")
+    try:
+        obj = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        die(f"{path} is damaged (not valid JSON); {fix}")
+    if not isinstance(obj, dict):
+        die(f"{path} is damaged (not a JSON object); {fix}")
+    return obj
 
 
 # -----------------------------------------------------------------------------
@@ -242,3 +401,48 @@ def download(url, path):
         f.write(data)
     os.replace(f"{path}.tmp", path)
     return path
+
+
+# -----------------------------------------------------------------------------
+# HTML pages: one self-contained file per stage (no scripts or styles from elsewhere, no network).
+# Everything from data or a model goes through esc(): a question holding "<script>" shows as text.
+
+PAGE_CSS = """
+body { font: 14px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 72em; padding: 0 1em; color: #222; }
+h1 { font-size: 1.4em; } h2 { font-size: 1.15em; margin-top: 2em; }
+table { border-collapse: collapse; } td, th { padding: 0.2em 0.6em; border-bottom: 1px solid #ddd; text-align: left; }
+pre, .mono { font-family: ui-monospace, monospace; white-space: pre-wrap; }
+.muted { color: #888; }
+"""
+
+
+def esc(x):
+    """Text from data or a model, made safe to put inside HTML (also inside attribute values)."""
+    return html.escape(str(x), quote=True)
+
+
+def heat(x, hi):
+    """A background colour for x on a white-to-red scale that saturates at hi (KL values, ...)."""
+    f = 0.0 if not (hi > 0 and math.isfinite(x)) else max(0.0, min(1.0, x / hi))
+    return f"rgb(255,{round(255 - 180 * f)},{round(255 - 200 * f)})"
+
+
+def page(title, body, css=""):
+    """A whole HTML document around `body` (already escaped HTML), with the shared style."""
+    return (f"<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{esc(title)}</title>"
+            f"<style>{PAGE_CSS}{css}</style></head>\n<body>\n<h1>{esc(title)}</h1>\n{body}\n</body></html>\n")
+
+
+def write_page(path, make):
+    """Write the page `make()` builds, atomically. A page is a view of the JSON files: if building
+    or writing it fails, say so in one line and carry on; it never stops a stage."""
+    try:
+        text = make()
+        with open(f"{path}.tmp", "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(f"{path}.tmp", path)
+        return True
+    except Exception as e:  # noqa: BLE001 (a view must never cost the run its results)
+        print(f"warning: could not write {path} ({type(e).__name__}: {e}); the JSON files are complete",
+              file=sys.stderr)
+        return False

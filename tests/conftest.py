@@ -101,6 +101,19 @@ def run_script(script, *args, cwd=None, check=True):
     return proc
 
 
+def run_torchrun(script, *args, nproc=2, cwd=None, check=True, timeout=600):
+    """Run a stage script under PyTorch's launcher with `nproc` processes on the CPU (Gloo), as
+    `torchrun --standalone --nproc_per_node N script.py ...` does on a GPU machine."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           os.path.join(ROOT, script), *map(str, args)]
+    proc = subprocess.run(cmd, cwd=cwd or ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"torchrun {script} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc
+
+
 def pytest_configure(config):
     # peft on transformers 5 warns about a renamed method on every get_peft_model: not ours to fix
     config.addinivalue_line("filterwarnings", "ignore:.*is_gradient_checkpointing.*:FutureWarning")
