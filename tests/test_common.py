@@ -219,7 +219,7 @@ def test_torchrun_ranks_join_sum_and_only_rank_0_reports_an_error(tmp_path):
     script = tmp_path / "job.py"
     script.write_text(f"import sys; sys.path.insert(0, {ROOT!r})\nimport common\n"
                       "dev = common.init_distributed('cpu')\n"
-                      "print('sum', common.sum_over_ranks([common.RANK + 1, 1], dev), flush=True)\n"
+                      "sys.stdout.write(f'sum {common.sum_over_ranks([common.RANK + 1, 1], dev)}\\n'); sys.stdout.flush()\n"
                       "common.barrier()\n"
                       "common.die('bad input')\n")
     env = dict(os.environ, OMP_NUM_THREADS="1")
