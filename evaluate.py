@@ -416,6 +416,10 @@ def read_math(s):
             return MathReader(text).relation()
         except Exception:  # NotMath, or sympy refusing what we built (RecursionError on deep nesting)
             pass
+    if re.fullmatch(r"\{[-.,0-9a-zA-Z]+\}", s):  # quirk: parse_expr reads "{1,2}" as a set, equal to "{2,1}"
+        items = [read_math(x) for x in s[1:-1].split(",")]
+        if not any(isinstance(x, str) for x in items):
+            return sympy.FiniteSet(*items)
     return s
 
 

@@ -11,6 +11,7 @@ import sys
 import time
 
 import pytest
+import sympy
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -90,8 +91,9 @@ def test_grading_case_matches_the_toolkit(name, completion, gt, pred, correct):
 
 def test_agreement_with_official_labels_on_realistic_completions():
     """Completions built from every benchmark's reference solutions and answers in many forms (and
-    wrong ones), labelled by the official toolkit. Our reader is smaller than sympy's LaTeX grammar,
-    so a few labels may differ (README, "where we differ"); at least 99.5% must agree."""
+    wrong ones; 80 of them rewritten by sympy: expanded, factored, decimal, Python syntax), labelled
+    by the official toolkit. Our reader is smaller than sympy's grammars, so a few labels may differ
+    (README, "where we differ"); at least 99.5% must agree."""
     rows = [json.loads(line) for line in open(os.path.join(EVAL_DATA, "agreement.jsonl"), encoding="utf-8")]
     assert len(rows) >= 300 and {r["bench"] for r in rows} == set(E.BENCHMARKS)
     bad = []
@@ -123,6 +125,18 @@ def test_math_reader_leaves_as_strings_what_sympy_parse_latex_rejects(text):
     assert E.read_math(text) == text
 
 
+# where we knowingly differ (README, "Where we differ"): the official verdict, then ours
+@pytest.mark.parametrize("pred,gt,toolkit,ours", [
+    ("(2*n**2-2*n)+1", "2n^{2}-2n+1", True, False),  # Python syntax: the toolkit's parse_expr runs it
+    ("\\int_0^1xdx", "\\frac{1}{2}", True, False),  # integrals and sums are not read
+    ("\\sum_{i=1}^{3}i", "6", True, False),
+    ("{1,2}", "{2,1}", True, True),  # but sets of plain items are (parse_expr reads "{1,2}" as a set)
+    ("x**2+1", "x^2+1", False, False),  # parse_latex reads "x**2+1" as x: both say wrong
+])
+def test_known_differences_from_the_toolkit(pred, gt, toolkit, ours):
+    assert E.math_equal(pred, gt) == ours
+
+
 # model text that would run as Python in sympy's parse_expr/sympify; each must stay inert
 INJECTIONS = [
     "__import__('os').system('touch {f}')",
@@ -146,18 +160,23 @@ INJECTIONS = [
 ]
 
 
+@pytest.fixture(scope="module")
+def grader():
+    g = E.Grader(timeout=1.0)  # as in a run: sympy may spend the whole limit on a long product of letters
+    yield g
+    g.close()
+
+
 @pytest.mark.parametrize("payload", INJECTIONS)
-def test_model_text_is_never_run_as_python(payload, tmp_path):
+def test_model_text_is_never_run_as_python(payload, grader, tmp_path):
     target = tmp_path / "pwned"
     text = payload.format(f=target)
-    for completion in (f"\\boxed{{{text}}}", f"The answer is {text}", text):
-        for gt in ("5", "x+1", text, "\\frac{1}{2}"):
-            for name in ("math", "gsm8k", "minerva_math"):
-                pred = E.predict(completion, name, gt)
-                E.math_equal(pred, gt)  # no exception escapes
-                assert not E.math_equal(pred, "5")
+    for completion in (f"So \\boxed{{{text}}}", f"The answer is {text}"):
+        assert grader.grade(completion, "\\frac{3}{7}", "math")[1] is False  # graded, as wrong
+        grader.grade(completion, text, "math")  # against itself: no exception escapes either
     assert not target.exists()
-    assert isinstance(E.read_math(text), str)  # not math: it stays a plain string
+    read = E.read_math(text)  # a plain string, or (like parse_latex) letters side by side: s*y*m*p*i*f*y
+    assert isinstance(read, str) or read.free_symbols <= {sympy.Symbol(c) for c in text}
 
 
 def test_a_huge_completion_is_cut_short_by_the_time_limit_and_counts_as_wrong():
