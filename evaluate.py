@@ -12,7 +12,6 @@ Benchmarks are read from data/<bench>/test.jsonl (the toolkit's files, downloade
 Qwen2.5-Math repository). Writes out/eval/<tag>/<bench>.jsonl (one graded row per problem) and
 out/eval/<tag>/summary.json. Kill it at any moment and run it again: graded problems are kept.
 """
-import builtins
 import math
 import multiprocessing
 import os
@@ -21,7 +20,6 @@ import time
 
 import sympy
 import torch
-from sympy.parsing.sympy_parser import parse_expr
 from tqdm import tqdm
 
 from common import (append_jsonl, complete_lines, die, download, greedy_config, load_model, load_tokenizer, parse_flags,
@@ -104,13 +102,12 @@ def last_boxed(text):
     tail = text.split("boxed")[-1]
     if not tail.startswith("{"):
         return tail.split("$")[0].strip()
-    depth, out = 1, []
-    for c in tail[1:]:
+    depth = 0
+    for i, c in enumerate(tail):
         depth += (c == "{") - (c == "}")
         if depth == 0:
-            break
-        out.append(c)
-    return "".join(out)
+            return tail[1:i]
+    return tail[1:]
 
 
 def choice_letter(text, after_trigger_first=True):
@@ -182,42 +179,28 @@ def words_to_number(text):
     in the string and ignores the other words ("two apples" -> "2"); we follow its rules."""
     s = text.replace("-", " ").lower()
     if s.isdigit():
-        try:
-            return str(int(s))  # "007" -> "7"
-        except ValueError:  # digits int() cannot read, like "²"
-            return text
+        return str(int(s)) if len(s) < 4000 else text  # "007" -> "7" (int() refuses huge numbers)
     words = [w for w in s.split() if w in NUMBER_WORDS or w == "point"]
     if not words or any(words.count(w) > 1 for w in ("thousand", "million", "billion", "point")):
         return text
-    decimals = []
-    if "point" in words:
-        words, decimals = words[:words.index("point")], words[words.index("point") + 1:]
-    b, m, t = (words.index(w) if w in words else -1 for w in ("billion", "million", "thousand"))
-    if (t > -1 and (t < m or t < b)) or (m > -1 and m < b):
-        return text
+    words, decimals = (words[:words.index("point")], words[words.index("point") + 1:]) if "point" in words else (words, [])
+    marks = [words.index(w) if w in words else -1 for w in ("billion", "million", "thousand")]
+    if [m for m in marks if m > -1] != sorted(m for m in marks if m > -1):
+        return text  # "thousand million" is no number
 
-    def group(ws):  # word2number's number_formation: "two hundred five" -> 205
+    def group(ws):  # word2number's number_formation: "two hundred five" -> 205 (IndexError on [])
         v = [NUMBER_WORDS[w] for w in ws]
-        if len(v) >= 5 or len(v) == 1:
-            return v[0]
-        if len(v) == 4:
-            return v[0] * v[1] + v[2] + v[3]
-        if len(v) == 3:
-            return v[0] * v[1] + v[2]
-        return v[0] * v[1] if 100 in v else v[0] + v[1]  # IndexError on [] = not a number
+        return v[0] * v[1] + sum(v[2:]) if len(v) in (3, 4) else (v[0] * v[1] if 100 in v else v[0] + v[1]) if len(v) == 2 else v[0]
 
     try:
-        total = 0
-        if len(words) == 1:
-            total = NUMBER_WORDS[words[0]]
-        elif len(words) > 1:
-            total += group(words[:b]) * 10**9 if b > -1 else 0
-            total += group(words[b + 1:m] if b > -1 else words[:m]) * 10**6 if m > -1 else 0
-            total += group(words[m + 1:t] if m > -1 else words[b + 1:t] if b > -1 else words[:t]) * 1000 if t > -1 else 0
-            n = len(words) - 1  # the rest after the last multiplier, with word2number's quirks
-            rest = (words[t + 1:] if -1 < t != n else words[m + 1:] if -1 < m != n else
-                    words[b + 1:] if -1 < b != n else words if t == m == b == -1 else None)
-            total += group(rest) if rest is not None else 0
+        total, start = (NUMBER_WORDS[words[0]], 0) if len(words) == 1 else (0, 0)
+        for mark, scale in zip(marks, (10**9, 10**6, 1000)) if len(words) > 1 else ():
+            if mark > -1:
+                total, start = total + group(words[start:mark]) * scale, mark + 1
+        # what follows the last multiplier that is not the last word (all words if there is none)
+        tail = next((m for m in marks[::-1] if -1 < m != len(words) - 1), None)
+        rest = words[tail + 1:] if tail is not None else words if max(marks) == -1 and len(words) > 1 else []
+        total += group(rest) if rest else 0
         if decimals:  # "point one five" -> .15; any other word after "point" makes it 0
             total += float("0." + "".join(str(NUMBER_WORDS[w]) for w in decimals)) if all(NUMBER_WORDS[w] < 10 for w in decimals) else 0
     except (IndexError, KeyError):
@@ -226,18 +209,11 @@ def words_to_number(text):
 
 
 def fix_fracs(s):
-    """\\frac12 -> \\frac{1}{2}, \\frac1{72} -> \\frac{1}{72}."""
-    head, *tails = s.split("\\frac")
-    out = head
-    for t in tails:
-        out += "\\frac"
-        if t.startswith("{"):
-            out += t
-            continue
-        if len(t) < 2:
-            return s  # the toolkit gives up on the whole string
-        out += "{" + t[0] + "}" + (t[1] if t[1] == "{" else "{" + t[1] + "}") + t[2:]
-    return out
+    """\\frac12 -> \\frac{1}{2}, \\frac1{72} -> \\frac{1}{72}; with under two characters after a \\frac the
+    toolkit leaves the whole string as it is."""
+    if re.search(r"\\frac(?!\{).?(\\frac|$)", s):
+        return s
+    return re.sub(r"\\frac([^{])(.)", lambda m: "\\frac{" + m[1] + "}" + (m[2] if m[2] == "{" else "{" + m[2] + "}"), s)
 
 
 def fix_slash(s):
@@ -281,8 +257,10 @@ def normalize(s, skip_unit=False):
     s = s.replace("and", "").replace("\\mathbf", "")  # "1 and 2" -> "1 2" (also inside words)
     s = re.sub(r"\\mbox{.*?}", "", s)
     s = s.replace("j", "i") if "j" in s and "i" not in s else s  # engineers' imaginary unit
-    s = re.sub(r"(\d+)\.0*([^\d])", r"\1\2", s)  # "2.0" -> "2", "3.00x" -> "3x"
-    s = re.sub(r"(\d+)\.0*$", r"\1", s)
+    # "2.0" -> "2", "3.00x" -> "3x"; (?<!\d) starts at a run of digits only: the toolkit's
+    # pattern is the same without it, and quadratic in the length of a run (40,000 digits: 74 s)
+    s = re.sub(r"(?<!\d)(\d+)\.0*([^\d])", r"\1\2", s)
+    s = re.sub(r"(?<!\d)(\d+)\.0*$", r"\1", s)
     if not s:
         return s
     s = "0" + s if s[0] == "." else s
@@ -312,26 +290,19 @@ def predict(completion, name, gt):
 
 
 def to_float(s):
-    """A plain number ("1,234.5", "12%" -> 0.12), else None."""
+    """A plain number ("1,234.5", "12%" -> 0.12, "12\\%" too), else None."""
     s = str(s).replace(",", "")
+    percent = s.endswith("%")
     try:
-        return float(s)
+        return float(s[:-1].removesuffix("\\") if percent else s) / (100 if percent else 1)
     except ValueError:
-        pass
-    if s.endswith("%"):
-        s = s[:-2] if s.endswith("\\%") else s[:-1]
-        try:
-            return float(s) / 100
-        except ValueError:
-            pass
-    return None
-
-
-def is_matrix(s):
-    return s.startswith(("\\begin{pmatrix}", "\\begin{bmatrix}")) and s.endswith(("\\end{pmatrix}", "\\end{bmatrix}"))
+        return None
 
 
 def matrix_cells(s):
+    """Rows of cells of a pmatrix/bmatrix, or None when s is not one."""
+    if not (s.startswith(("\\begin{pmatrix}", "\\begin{bmatrix}")) and s.endswith(("\\end{pmatrix}", "\\end{bmatrix}"))):
+        return None
     rows = [r.strip() for r in s[len("\\begin{pmatrix}"):-len("\\end{pmatrix}")].split("\\\\") if r.strip()]
     return [r.split("&") for r in rows]
 
@@ -367,15 +338,12 @@ def math_equal(pred, gt):
         ps, gs = pred[1:-1].split(","), gt[1:-1].split(",")
         if len(ps) == len(gs) and all(math_equal(a, b) for a, b in zip(ps, gs)):
             return True
-    if is_matrix(pred) and is_matrix(gt):
-        pm, gm = matrix_cells(pred), matrix_cells(gt)
-        if len(pm) == len(gm) and all(len(a) == len(b) and all(math_equal(x, y) for x, y in zip(a, b))
-                                      for a, b in zip(pm, gm)):
-            return True
+    pm, gm = matrix_cells(pred), matrix_cells(gt)
+    if pm is not None and gm is not None and len(pm) == len(gm) and all(
+            len(a) == len(b) and all(math_equal(x, y) for x, y in zip(a, b)) for a, b in zip(pm, gm)):
+        return True
     if pred.count("=") == 1 and gt.count("=") == 1:  # two equations: equal up to sign
-        pl, pr = pred.split("=")
-        gl, gr = gt.split("=")
-        dp, dg = f"{pl.strip()} - ({pr.strip()})", f"{gl.strip()} - ({gr.strip()})"
+        dp, dg = ("{} - ({})".format(*(x.strip() for x in e.split("="))) for e in (pred, gt))
         if symbolic_equal(dp, dg) or symbolic_equal(f"-({dp})", dg):
             return True
     elif pred.count("=") == 1 and len(pred.split("=")[0].strip()) <= 2 and "=" not in gt:
@@ -388,427 +356,240 @@ def math_equal(pred, gt):
 
 
 def symbolic_equal(a, b):
-    """Both sides through sympy: same printout, simplify(a - b) == 0, same equation, or the same
-    number to 1e-4. What cannot be parsed stays a string and only equals the same string."""
-    a, b = to_sympy(a), to_sympy(b)
-    try:
-        if str(a) == str(b) or a == b:
-            return True
-    except Exception:
-        pass
-    try:
-        if a.equals(b) or sympy.simplify(a - b) == 0:
-            return True
-    except Exception:
-        pass
-    try:
-        if abs(a.lhs - a.rhs).equals(abs(b.lhs - b.rhs)):
-            return True
-    except Exception:
-        pass
-    try:
-        if math.isclose(float(sympy.N(b)), float(sympy.N(a)), rel_tol=1e-4):
-            return True
-    except Exception:
-        pass
-    try:
-        if a.shape == b.shape and a.applyfunc(lambda x: round(x, 3)).equals(b.applyfunc(lambda x: round(x, 3))):
-            return True
-    except Exception:
-        pass
+    """Both sides read into sympy (read_math): same printout, simplify(a - b) == 0, same equation,
+    or the same number to 1e-4. What cannot be read stays a string and only equals the same string
+    (the toolkit would hand such a string to sympy's eval-based sympify; we never do)."""
+    a, b = read_math(a), read_math(b)
+    if isinstance(a, str) or isinstance(b, str):
+        return str(a) == str(b)
+    checks = (lambda: str(a) == str(b) or a == b,
+              lambda: a.equals(b) or sympy.simplify(a - b) == 0,
+              lambda: abs(a.lhs - a.rhs).equals(abs(b.lhs - b.rhs)),
+              lambda: math.isclose(float(sympy.N(b)), float(sympy.N(a)), rel_tol=1e-4))
+    for check in checks:
+        try:
+            if check():
+                return True
+        except Exception:  # an undecidable or ill-typed comparison (as in the toolkit) is no verdict
+            pass
     return False
 
 
-UNSAFE_NAMES = {n for n, o in vars(builtins).items() if callable(o) and n not in ("abs", "max", "min", "round", "pow")}
+# -----------------------------------------------------------------------------
+# reading an answer into sympy. The toolkit tries sympy's parse_latex, then parse_expr, which runs
+# the text as Python (a model's answer could create files). We read LaTeX with a small parser of
+# our own that builds sympy objects directly from a fixed vocabulary: numbers, letters, \commands
+# as symbols, + - * / : ^ ! |x|, \frac \sqrt \binom and a list of functions. Anything else is not
+# math and stays a string, as in the toolkit when its parsers fail. parse_latex's quirks that
+# change verdicts are kept ("quirk"); the first: it reads the longest prefix that parses ("2,3" is
+# 2, "10{,}000" is 10, "\frac{1}{2}.I hope" is 1/2).
+
+JOIN_DIGITS = re.compile(r"(?<=\d)(?:\s|\\[,:;! ])+(?=\d)")  # quirk: "15\,840" and "2 3" are one number
+TOKEN = re.compile(r"(?P<skip>(?:\s|\\[,:;! ]|\\(?:left|right|quad|qquad|displaystyle)(?![a-zA-Z]))+)"
+                   r"|(?P<num>\d+(?:,\d{3})*(?:\.\d*)?)|\\[a-zA-Z]+|\\[{}]|[a-zA-Z]|[-+*/^_!()\[\]{}|=<>:,.']|(?P<bad>.)",
+                   re.ASCII | re.DOTALL)
+FUNCTIONS = {"sin": sympy.sin, "cos": sympy.cos, "tan": sympy.tan, "csc": sympy.csc, "sec": sympy.sec,
+             "cot": sympy.cot, "sinh": sympy.sinh, "cosh": sympy.cosh, "tanh": sympy.tanh, "arcsin": sympy.asin,
+             "arccos": sympy.acos, "arctan": sympy.atan, "exp": sympy.exp, "log": sympy.log, "ln": sympy.log}
+RELATIONS = {"=": sympy.Eq, "<": sympy.Lt, ">": sympy.Gt, "\\le": sympy.Le, "\\leq": sympy.Le,
+             "\\ge": sympy.Ge, "\\geq": sympy.Ge, "\\neq": sympy.Ne}  # quirk: "\ne" is a symbol
+TIMES, DIVIDE = ("*", "\\times", "\\cdot"), ("/", "\\div", ":")  # quirk: "3:4" is 3/4
+GROUPS = {"(": ")", "[": "]", "{": "}", "\\{": "\\}", "|": "|", "\\lfloor": "\\rfloor", "\\lceil": "\\rceil"}
+BRACKET_FUNCTIONS = {"|": sympy.Abs, "\\lfloor": sympy.floor, "\\lceil": sympy.ceiling}
+NOT_SYMBOLS = {"frac", "dfrac", "sqrt", "binom", "times", "cdot", "div", "int", "sum", "lim", "to", "begin",
+               "lfloor", "rfloor", "lceil", "rceil"} | set(FUNCTIONS)
 
 
-def to_sympy(s):
-    """The toolkit tries sympy's LaTeX parser, then sympy's Python-syntax parser (each on the text
-    and on the text with '\\\\' made '\\'); what neither reads stays a string."""
-    for parse in (latex_to_sympy, safe_parse_expr):
-        for text in (s.replace("\\\\", "\\"), s):
-            try:
-                return parse(text)
-            except Exception:
-                pass
+class NotMath(ValueError):  # not math we read: the answer stays a string
+    pass
+
+
+class NoMatch(NotMath):  # a rule does not match here: an optional part just ends (see maybe)
+    pass
+
+
+def read_math(s):
+    """s as a sympy object, or s itself when it is not math we read (tried with '\\\\' made '\\'
+    first, as the toolkit does)."""
+    for text in (s.replace("\\\\", "\\"), s):
+        try:
+            return MathReader(text).relation()
+        except Exception:  # NotMath, or sympy refusing what we built (RecursionError on deep nesting)
+            pass
+    if re.fullmatch(r"\{[-.,0-9a-zA-Z]+\}", s):  # quirk: parse_expr reads "{1,2}" as a set, equal to "{2,1}"
+        items = [read_math(x) for x in s[1:-1].split(",")]
+        if not any(isinstance(x, str) for x in items):
+            return sympy.FiniteSet(*items)
     return s
 
 
-def safe_parse_expr(s):
-    """sympy's parse_expr, which evaluates Python: refuse text that could do more than arithmetic."""
-    if "__" in s or set(re.findall(r"[A-Za-z_]\w*", s)) & UNSAFE_NAMES or re.search(r"['\"`]", s):
-        raise ValueError(s)
-    return parse_expr(s)
+class MathReader:
+    """Recursive descent, one method per rule of parse_latex's grammar (sympy's LaTeX.g4):
+    relation > expr (+ -) > term (* / :) > unary (signs; side by side is times) > factor (^ !)
+    > comp (brackets, |x|, functions) > atom (numbers, \\frac, \\sqrt, symbols)."""
 
+    def __init__(self, text):  # tokens; None where the lexer fails: a stray character ("$", "~", "&") or "2."
+        self.toks = [None if m["bad"] or (m["num"] or "").endswith(".") else m[0]
+                     for m in TOKEN.finditer(JOIN_DIGITS.sub("", text)) if not m["skip"]]
+        self.pos = 0
 
-# -----------------------------------------------------------------------------
-# LaTeX -> sympy. The toolkit uses sympy's parse_latex, which needs the antlr4 package; this reader
-# follows the same grammar (sympy/parsing/latex/LaTeX.g4) and builds the same unevaluated sympy
-# objects, quirks included: it reads the longest valid prefix and ignores the rest ("2,3" -> 2,
-# "10{,}000" -> 10), "\pi" is a plain symbol, "f(x)" is a function call, "\log" is natural.
+    def peek(self, k=0):
+        t = self.toks[self.pos + k] if self.pos + k < len(self.toks) else ""
+        if t is None:
+            raise NotMath()  # quirk: the lexer's error is fatal once the parser looks that far
+        return t
 
-LATEX_SKIPPED = {"left", "right", "quad", "qquad", "thinspace", "medspace", "thickspace", "negthinspace",
-                 "negmedspace", "negthickspace", "vrule", "vcenter", "vbox", "vskip", "vspace", "hfil"}
-LATEX_FUNCS = {"exp", "log", "lg", "ln", "sin", "cos", "tan", "csc", "sec", "cot", "arcsin", "arccos",
-               "arctan", "arccsc", "arcsec", "arccot", "sinh", "cosh", "tanh", "arsinh", "arcosh", "artanh"}
-LATEX_INVERSES = {"arcsin": "asin", "arccos": "acos", "arctan": "atan", "arccsc": "acsc", "arcsec": "asec",
-                  "arccot": "acot", "arsinh": "asinh", "arcosh": "acosh", "artanh": "atanh"}
-LATEX_RELATIONS = {"=": sympy.Eq, "<": sympy.Lt, ">": sympy.Gt, "\\neq": sympy.Ne,
-                   **dict.fromkeys(["\\le", "\\leq", "\\leqq", "\\leqslant"], sympy.Le),
-                   **dict.fromkeys(["\\ge", "\\geq", "\\geqq", "\\geqslant"], sympy.Ge)}
-# commands with a role in the grammar; any other \name is a symbol (\alpha, \pi, \text, \circ, ...)
-LATEX_KEYWORDS = LATEX_FUNCS | {n[1:] for n in LATEX_RELATIONS if n[0] == "\\"} | {
-    "frac", "dfrac", "tfrac", "binom", "dbinom", "tbinom", "mathit", "sqrt", "overline", "times", "cdot",
-    "div", "lim", "to", "rightarrow", "Rightarrow", "longrightarrow", "Longrightarrow", "int", "sum",
-    "prod", "lfloor", "rfloor", "lceil", "rceil", "langle", "rangle"}
-LATEX_TOKEN = re.compile(r"\s+|\\[a-zA-Z]+\|?|\\[{}]|\\[,:;!*\-./\"(=]|&\s*=|=(\s*&)?|d\s*(?:[a-zA-Z]|\\[a-zA-Z]+)|'+|[a-zA-Z0-9+\-*/()\[\]{}|_^:!,.<>]")
+    def eat(self, t=None):
+        if self.peek() == "" or t is not None and self.peek() != t:
+            raise NoMatch()
+        self.pos += 1
+        return self.toks[self.pos - 1]
 
-
-class LatexError(ValueError):  # not LaTeX that sympy reads: the whole parse fails
-    pass
-
-
-class LatexNoMatch(ValueError):  # this rule does not match here; an optional part just ends
-    pass
-
-
-class LatexBadCharacter(LatexError):  # no token for it ("~", "$", "%"): fatal wherever it is
-    pass
-
-
-def latex_tokens(s):
-    """Tokens as the grammar's lexer cuts them (longest match). A character it has no token for
-    ends the list with None: the parser fails if it ever looks that far, as ANTLR's lexer would."""
-    toks, i = [], 0
-    while i < len(s):
-        m = LATEX_TOKEN.match(s, i)
-        if m is None:
-            return toks + [None]
-        t, i = m.group(), m.end()
-        if t.isspace() or t in ("\\,", "\\:", "\\;", "\\!", "\\*", "\\-", "\\.", "\\/", '\\"', "\\(", "\\="):
-            continue
-        if t.startswith("\\") and t[1:].rstrip("|") in LATEX_SKIPPED and not t.endswith("|"):
-            continue  # \left, \right and spacing are skipped; "\left|" and "\right|" are tokens
-        if t.startswith("\\") and t.endswith("|") and t[1:-1] not in ("left", "right"):
-            t, i = t[:-1], i - 1  # "\alpha|": the bar is a token of its own
-        toks.append("=" if "=" in t else ("∂" + t[1:].strip()) if t[0] == "d" and len(t) > 1 else t)
-    return toks
-
-
-def latex_to_sympy(text, toks=None):
-    toks, pos = latex_tokens(text) if toks is None else toks, 0
-
-    def peek(k=0):
-        if pos + k < len(toks) and toks[pos + k] is None:
-            raise LatexBadCharacter(text)
-        return toks[pos + k] if pos + k < len(toks) else ""
-
-    def eat(t):
-        nonlocal pos
-        if peek() != t:
-            raise LatexNoMatch(text)
-        pos += 1
-
-    def attempt(rule, *args):  # an optional part: if it does not parse, it is not there
-        nonlocal pos
-        start = pos
+    def maybe(self, rule, *args):  # an optional part: if it does not parse, it is not there
+        start = self.pos
         try:
             return rule(*args)
-        except LatexNoMatch:
-            pos = start
-            return None
-        except LatexBadCharacter:
-            raise
-        except LatexError:  # fatal only once the part was complete up to where it failed ("1+2.")
-            seen = toks[start:pos]
-            if sum(t in ("(", "[", "{", "\\{", "\\lfloor", "\\lceil") for t in seen) <= \
-                    sum(t in (")", "]", "}", "\\}", "\\rfloor", "\\rceil") for t in seen):
-                raise
-            pos = start  # it failed inside an open bracket: ANTLR never took this path ("x\boxed{1./3}")
-            return None
+        except NoMatch:
+            self.pos = start
 
-    def after_sign(rule, *args):  # an operator and its operand, tried as one optional part
-        nonlocal pos
-        pos += 1
-        return rule(*args)
-
-    is_letter = lambda t: len(t) == 1 and t.isascii() and t.isalpha()
-    is_digit = lambda t: len(t) == 1 and t.isdigit()
-    is_symbol = lambda t: t[:1] == "\\" and t[1:].isalpha() and t[1:] not in LATEX_KEYWORDS
-
-    def relation():
-        nonlocal pos
-        lhs = expr()
-        while peek() in LATEX_RELATIONS:  # unlike + or *, a relation sign must be followed up
-            op = toks[pos]
-            pos += 1
-            lhs = LATEX_RELATIONS[op](lhs, expr())
+    def relation(self):  # unlike + or *, a relation must be complete ("x=" is not read)
+        lhs = self.expr()
+        while self.peek() in RELATIONS:
+            lhs = RELATIONS[self.eat()](lhs, self.expr())
         return lhs
 
-    def expr():  # additive
-        lhs = mp()
-        while peek() in ("+", "-"):
-            op = toks[pos]
-            if (rhs := attempt(after_sign, mp)) is None:
-                break
-            if op == "-":
-                rhs = -1 * rhs if rhs.is_Atom else sympy.Mul(-1, rhs, evaluate=False)
-            lhs = sympy.Add(lhs, rhs, evaluate=False)
+    def chain(self, ops, operand, combine):  # "2+" is 2: an operator without its operand ends the chain
+        lhs = operand()
+        while self.peek() in ops and (op_rhs := self.maybe(lambda: (self.eat(), operand()))):
+            lhs = combine(lhs, *op_rhs)
         return lhs
 
-    def mp(nofunc=False):
-        lhs = unary(nofunc)
-        while peek() in ("*", "\\times", "\\cdot", "/", "\\div", ":"):
-            op = toks[pos]
-            if (rhs := attempt(after_sign, unary, nofunc)) is None:
-                break
-            rhs = rhs if op in ("*", "\\times", "\\cdot") else sympy.Pow(rhs, -1, evaluate=False)
-            lhs = sympy.Mul(lhs, rhs, evaluate=False)
-        return lhs
+    def expr(self):
+        neg = lambda b: -1 * b if b.is_Atom else sympy.Mul(-1, b, evaluate=False)
+        return self.chain(("+", "-"), self.term, lambda a, op, b: sympy.Add(a, b if op == "+" else neg(b), evaluate=False))
 
-    def unary(nofunc=False):
-        nonlocal pos
-        if peek() in ("+", "-"):
-            op = toks[pos]
-            pos += 1
-            u = unary(nofunc)
-            return u if op == "+" else -u
-        items = [postfix(False)]
-        while (item := attempt(postfix, nofunc)) is not None:
+    def term(self, nofunc=False):
+        inv = lambda b: sympy.Pow(b, -1, evaluate=False)
+        return self.chain(TIMES + DIVIDE, lambda: self.unary(nofunc),
+                          lambda a, op, b: sympy.Mul(a, b if op in TIMES else inv(b), evaluate=False))
+
+    def unary(self, nofunc=False):
+        if self.peek() in ("+", "-"):
+            return self.unary(nofunc) if self.eat() == "+" else -self.unary(nofunc)
+        items = [self.factor(nofunc)]
+        while (item := self.maybe(self.factor, nofunc)) is not None:
             items.append(item)
-        # side by side means times: Mul(a, Mul(b, c)); an "x" between two plain numbers is a times sign
-        if isinstance(items[-1], tuple):
-            raise LatexError(text)  # "\frac{d}{dx}" with nothing to differentiate
         out = items[-1]
-        for i in range(len(items) - 2, -1, -1):
-            if isinstance(items[i], tuple):  # "\frac{d}{dx} f": d/dx of everything to its right
-                out = sympy.Derivative(out, items[i][0])
-            elif 0 < i and str(items[i]) == "x" and not items[i - 1].atoms(sympy.Symbol) and not items[i + 1].atoms(sympy.Symbol):
-                continue
-            else:
-                out = sympy.Mul(items[i], out, evaluate=False)
+        for k in range(len(items) - 2, -1, -1):  # Mul(a, Mul(b, c)), as parse_latex builds it
+            if 0 < k and str(items[k]) == "x" and items[k - 1].is_Number and items[k + 1].is_Number:
+                continue  # quirk: "2x3" is 2*3
+            out = sympy.Mul(items[k], out, evaluate=False)
         return out
 
-    def postfix(nofunc):
-        nonlocal pos
-        e = power(nofunc)
-        while peek() == "!":
-            pos += 1
-            e = sympy.factorial(e, evaluate=False)
+    def factor(self, nofunc):
+        e = self.comp(nofunc)
+        while self.peek() == "^" and (p := self.maybe(self.script)) is not None:
+            if self.peek() == "_":
+                self.maybe(self.script)  # "x^2_a": read, and ignored
+            e = sympy.Pow(e, p, evaluate=False)
+        while self.peek() == "!":
+            e = sympy.factorial((self.eat(), e)[1], evaluate=False)
         return e
 
-    def power(nofunc):
-        base = comp(nofunc)
-        while peek() == "^":
-            if (e := attempt(after_sign, script_arg)) is None:
-                break
-            attempt(subscript)  # read, and ignored by sympy
-            base = sympy.Pow(base, e, evaluate=False)
-        return base
+    def script(self):  # ^ or _, then {an expression} or one letter, number or \symbol ("x^ab" is x^a b)
+        self.eat()
+        return self.braced() if self.peek() == "{" else self.atom(nofunc=True)
 
-    def braced():
-        eat("{")
-        e = expr()
-        eat("}")
-        return e
+    def braced(self):
+        return (self.eat("{"), self.expr(), self.eat("}"))[1]
 
-    def script_arg(cap=None):
-        return braced() if peek() == "{" else atom(cap)
+    def comp(self, nofunc):
+        t = self.peek()
+        if t in GROUPS:
+            e = (self.eat(), self.expr(), self.eat(GROUPS[t]))[1]
+            return BRACKET_FUNCTIONS[t](e, evaluate=False) if t in BRACKET_FUNCTIONS else e
+        if t[1:] in FUNCTIONS and t[0] == "\\" and not nofunc:
+            return self.function(self.eat()[1:])
+        return self.atom(nofunc)
 
-    def subscript(cap=None):
-        eat("_")
-        return script_arg(cap)
+    def function(self, name):  # \sin x, \sin^2(x), \sin^{-1} x, \log_2 8, \ln x
+        scripts = {}
+        for _ in range(2):
+            if self.peek() in ("_", "^") and self.peek(1).isdigit() and len(self.peek(1)) > 1 and not self.peek(2):
+                self.toks[self.pos + 1:self.pos + 2] = [self.peek(1)[:-1], self.peek(1)[-1]]  # quirk: "\log_28" is log_2 8
+            if self.peek() in ("_", "^") and self.peek() not in scripts:
+                key = self.peek()  # (not in the subscript: script() moves on before it is read)
+                scripts[key] = self.script()
+        arg = self.maybe(lambda: (self.eat("("), self.expr(), self.eat(")"))[1]) if self.peek() == "(" else None
+        arg = self.term(nofunc=True) if arg is None else arg  # "\sin 2x" is sin(2x); "\sin x \cos x" a product
+        sub, sup = scripts.get("_"), scripts.get("^")
+        if name in ("log", "ln"):
+            f = sympy.log(arg, sympy.E if sub is None else sub, evaluate=False)  # quirk: \log is natural
+        elif sup == -1 and name in ("sin", "cos", "tan"):
+            return getattr(sympy, "a" + name)(arg, evaluate=False)  # \sin^{-1} is arcsin
+        else:
+            f = FUNCTIONS[name](arg, evaluate=False)
+        return f if sup is None else sympy.Pow(f, sup, evaluate=False)
 
-    def superscript(cap=None):
-        eat("^")
-        return script_arg(cap)
-
-    def name_suffix():  # (subscript? quotes? | quotes? subscript?) -> "a_{1}'"
-        nonlocal pos
-        sub = quotes = ""
-        if peek().startswith("'"):
-            quotes = toks[pos]
-            pos += 1
-        if peek() == "_":  # a started subscript must be complete ("x_{1" fails)
-            try:
-                sub = "_{" + str(subscript()) + "}"
-            except LatexNoMatch:
-                raise LatexError(text)
-        if not quotes and peek().startswith("'"):
-            quotes = toks[pos]
-            pos += 1
-        return sub + quotes
-
-    def comp(nofunc):
-        nonlocal pos
-        t = peek()
-        if t in ("(", "[", "{", "\\{"):
-            pos += 1
-            e = expr()
-            eat({"(": ")", "[": "]", "{": "}", "\\{": "\\}"}[t])
-            return e
-        if t in ("|", "\\lfloor", "\\lceil"):
-            pos += 1
-            e = expr()
-            eat({"|": "|", "\\lfloor": "\\rfloor", "\\lceil": "\\rceil"}[t])
-            return {"|": sympy.Abs, "\\lfloor": sympy.floor, "\\lceil": sympy.ceiling}[t](e, evaluate=False)
-        if not nofunc and (f := attempt(func)) is not None:  # "f(x)" is a call before it is f·x
-            return f
-        return atom()
-
-    def func():
-        nonlocal pos
-        t = peek()
-        pos += 1
-        if t[1:] in LATEX_FUNCS and t[0] == "\\":
-            name, start = t[1:], pos
-            for cap in (None, 5, 4, 3, 2, 1):  # "\log_23": the script's digits leave some for the argument
-                pos, sub, sup = start, None, None
-                try:
-                    if peek() == "_":
-                        sub = subscript(cap)
-                    if peek() == "^":
-                        sup = superscript(cap)
-                    if sub is None and peek() == "_":
-                        sub = subscript(cap)
-                    arg = attempt(call_args, True) if peek() == "(" else None
-                    arg = mp(True) if arg is None else arg
-                    break
-                except LatexNoMatch:
-                    if cap == 1:
-                        raise
-            if name in LATEX_INVERSES:
-                f = getattr(sympy, LATEX_INVERSES[name])(arg, evaluate=False)
-            elif name == "exp":
-                f = sympy.exp(arg, evaluate=False)
-            elif name in ("log", "lg", "ln"):
-                f = sympy.log(arg, sub if sub is not None else 10 if name == "lg" else sympy.E, evaluate=False)
-            should_pow = True
-            if name in ("sin", "cos", "tan", "csc", "sec", "cot", "sinh", "cosh", "tanh"):
-                if sup == -1:  # \sin^{-1} is arcsin
-                    name, should_pow = "a" + name, False
-                f = getattr(sympy, name)(arg, evaluate=False)
-            return sympy.Pow(f, sup, evaluate=False) if sup and should_pow else f
-        if is_letter(t) or is_symbol(t):
-            name = t.lstrip("\\") + name_suffix()
-            return sympy.Function(name)(*call_args(False))
-        if t == "\\sqrt":
-            root = None
-            if peek() == "[":
-                pos += 1
-                root = expr()
-                eat("]")
-            base = braced()
-            return sympy.sqrt(base, evaluate=False) if root is None else sympy.root(base, root, evaluate=False)
-        if t == "\\overline":
-            return sympy.conjugate(braced(), evaluate=False)
-        raise LatexNoMatch(text)  # \int, \sum, \prod, \lim: not needed for final answers
-
-    def leibniz():  # \frac{dy}{dx} is sympy's Derivative(y, x); \frac{d}{dx} an operator on what follows
-        nonlocal pos
-        depth, end = 0, pos
-        for end in range(pos, len(toks)):
-            depth += (toks[end] == "{") - (toks[end] == "}")
-            if depth == 0 or toks[end] is None:
-                break
-        upper, lower = toks[pos + 1:end], toks[end + 1:end + 4]
-        if not (upper and upper[0] and (upper[0][0] == "∂" or upper[0] == "d") and len(lower) == 3
-                and lower[0] == "{" and (lower[1] or "")[:1] == "∂" and lower[2] == "}" and toks[pos] == "{"):
-            return None
-        wrt = sympy.Symbol(lower[1][1:].lstrip("\\"))
-        if upper == ["d"]:
-            pos = end + 4
-            return (wrt,)
-        top = latex_to_sympy(text, ([upper[0][1:]] if upper[0][0] == "∂" else []) + upper[1:])
-        if not top:
-            return None
-        pos = end + 4
-        return sympy.Derivative(top, wrt)
-
-    def frac_part():  # \frac12: a single digit needs no braces
-        nonlocal pos
-        if is_digit(peek()):
-            pos += 1
-            return sympy.Number(toks[pos - 1])
-        return braced()
-
-    def call_args(first_only):
-        nonlocal pos
-        eat("(")
-        args = [expr()]
-        while peek() == ",":
-            pos += 1
-            args.append(expr())
-        eat(")")
-        return args[0] if first_only else args
-
-    def atom(cap=None):  # cap: read at most this many digits of a number
-        nonlocal pos
-        t = peek()
-        if is_letter(t) or is_symbol(t):
-            pos += 1
-            suffix = name_suffix()
-            return sympy.oo if t == "\\infty" else sympy.Symbol(t.lstrip("\\") + suffix)
-        if is_digit(t):  # DIGIT+ (',' DIGIT DIGIT DIGIT)* ('.' DIGIT+)?
-            digits = ""
-            while is_digit(peek()) and (cap is None or len(digits) < cap):
-                digits += toks[pos]
-                pos += 1
-            while peek() == "," and all(is_digit(peek(k)) for k in (1, 2, 3)):
-                digits += "".join(toks[pos + 1:pos + 4])
-                pos += 4
-            if peek() == ".":  # a point after digits must be followed by digits ("2." fails)
-                digits += "."
-                pos += 1
-                if not is_digit(peek()):
-                    raise LatexError(text)
-                while is_digit(peek()):
-                    digits += toks[pos]
-                    pos += 1
-            return sympy.Number(digits)
-        if t.startswith("∂"):  # a differential "dx": one symbol
-            pos += 1
-            return sympy.Symbol("d" + t[1:].lstrip("\\"))
-        if t == "\\mathit":
-            pos += 1
-            eat("{")
-            letters = ""
-            while is_letter(peek()):
-                letters += toks[pos]
-                pos += 1
-            eat("}")
-            return sympy.Symbol(letters)
-        if t in ("\\frac", "\\dfrac", "\\tfrac", "\\binom", "\\dbinom", "\\tbinom"):
-            pos += 1
-            if t.endswith("frac") and (d := leibniz()) is not None:
-                return d
-            top, bottom = (frac_part(), frac_part()) if t.endswith("frac") else (braced(), braced())
-            if t.endswith("binom"):
-                return sympy.binomial(top, bottom, evaluate=False)
+    def atom(self, nofunc=False):
+        t = self.eat()
+        if t[:1].isdigit():  # "1,000" is 1000 ("2." is no number: the lexer fails on it, above)
+            return sympy.Float(t.replace(",", "")) if "." in t else sympy.Integer(int(t.replace(",", "")))
+        if t in ("\\frac", "\\dfrac", "\\binom"):
+            top, bottom = self.braced(), self.braced()
             inverse = sympy.Pow(bottom, -1, evaluate=False)
-            return inverse if top == 1 else sympy.Mul(top, inverse, evaluate=False)
-        raise LatexNoMatch(text)
+            return sympy.binomial(top, bottom, evaluate=False) if t == "\\binom" else \
+                inverse if top == 1 else sympy.Mul(top, inverse, evaluate=False)
+        if t == "\\sqrt":
+            root = (self.eat(), self.expr(), self.eat("]"))[1] if self.peek() == "[" else None
+            base = self.braced()
+            return sympy.sqrt(base, evaluate=False) if root is None else sympy.root(base, root, evaluate=False)
+        if t == "\\infty":
+            return sympy.oo
+        if not (t[:1].isalpha() or t[:1] == "\\" and t[1:].isalpha() and t[1:] not in NOT_SYMBOLS):
+            raise NoMatch()  # an operator or a closing bracket: no atom here
+        name = t.lstrip("\\")  # quirk: \pi, \alpha, \text, \mathrm... are symbols (\pi is not 3.14...)
+        if self.peek() == "_":
+            name += "_{" + str(self.script()) + "}"
+        while self.peek() == "'":
+            name += self.eat()  # primes: "f'" is a name
+        if self.peek() == "(" and not nofunc and (args := self.maybe(self.call_args)) is not None:
+            return sympy.Function(name)(*args)  # quirk: "f(x)" and "x(x+1)" are function calls
+        return sympy.Symbol(name)
 
-    return relation()
+    def call_args(self):
+        args = [(self.eat("("), self.expr())[1]]
+        while self.peek() == ",":
+            args.append((self.eat(), self.expr())[1])
+        self.eat(")")
+        return args
 
 
 # -----------------------------------------------------------------------------
-# grading many answers: each comparison in a worker process under a time limit, as the toolkit
-# does (sympy can take minutes, or hang in C code, on a pathological expression)
+# grading many answers: each completion (extraction, normalisation, comparison) in a worker process
+# under a time limit, as the toolkit does for comparisons (sympy can take minutes, or hang in C code,
+# on a pathological expression; a megabyte of digits is slow in any regular expression)
 
 
 def grade_worker(conn):
     while (job := conn.recv()) is not None:
+        completion, gt, name = job
         try:
-            conn.send(math_equal(*job))
+            pred = predict(completion, name, gt)
         except Exception:  # the toolkit's pool would stop the whole run here; one answer is wrong instead
+            pred = None
+        conn.send(pred)  # first the answer, so that a comparison that runs out of time still shows it
+        try:
+            conn.send(bool(math_equal(pred, gt)))
+        except Exception:
             conn.send(False)
 
 
 class Grader:
-    """grade(completion, gt, name) -> (pred, correct, timed_out). Extraction runs here; the comparison
-    runs in a forked worker that is replaced when it overruns `timeout` (the answer then counts as
-    wrong). The worker is forked at once, so create the Grader before a model touches CUDA."""
+    """grade(completion, gt, name) -> (pred, correct, timed_out). Each completion is graded in a
+    forked worker, which is replaced when it overruns `timeout` seconds (the answer then counts as
+    wrong, its pred None if it was not even extracted). The worker is forked at once, so create the
+    Grader before a model touches CUDA."""
 
     def __init__(self, timeout):
         self.timeout, self.worker, self.timeouts = timeout, None, 0
@@ -822,21 +603,24 @@ class Grader:
             self.worker.start()
 
     def grade(self, completion, gt, name):
-        pred = predict(completion, name, gt)
-        if self.ctx is None:  # no fork (Windows): compare in this process, without a time limit
+        if self.ctx is None:  # no fork (Windows): grade in this process, without a time limit
+            pred = predict(completion, name, gt)
             return pred, math_equal(pred, gt), False
         self.start()
-        self.conn.send((pred, gt))
-        if self.conn.poll(self.timeout):
+        self.conn.send((completion, gt, name))
+        deadline, answers = time.monotonic() + self.timeout, []
+        while len(answers) < 2 and self.conn.poll(max(0.0, deadline - time.monotonic())):
             try:
-                return pred, self.conn.recv(), False
+                answers.append(self.conn.recv())
             except EOFError:  # the worker died (out of memory?): a new one takes the next answer
-                pass
+                break
+        if len(answers) == 2:
+            return answers[0], answers[1], False
         self.worker.kill()
         self.worker.join()
         self.worker, self.timeouts = None, self.timeouts + 1
         self.start()  # the next answer's worker, forked now
-        return pred, False, True
+        return (answers or [None])[0], False, True
 
     def close(self):
         if self.worker is not None:

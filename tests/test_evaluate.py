@@ -8,8 +8,10 @@ import os
 import runpy
 import subprocess
 import sys
+import time
 
 import pytest
+import sympy
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -89,7 +91,9 @@ def test_grading_case_matches_the_toolkit(name, completion, gt, pred, correct):
 
 def test_agreement_with_official_labels_on_realistic_completions():
     """Completions built from every benchmark's reference solutions and answers in many forms (and
-    wrong ones), labelled by the official toolkit: we must give the same label to every one."""
+    wrong ones; 80 of them rewritten by sympy: expanded, factored, decimal, Python syntax), labelled
+    by the official toolkit. Our reader is smaller than sympy's grammars, so a few labels may differ
+    (README, "where we differ"); at least 99.5% must agree."""
     rows = [json.loads(line) for line in open(os.path.join(EVAL_DATA, "agreement.jsonl"), encoding="utf-8")]
     assert len(rows) >= 300 and {r["bench"] for r in rows} == set(E.BENCHMARKS)
     bad = []
@@ -97,24 +101,101 @@ def test_agreement_with_official_labels_on_realistic_completions():
         pred = E.predict(r["completion"], r["bench"], r["gt"])
         if pred != r["pred"] or E.math_equal(pred, r["gt"]) != r["correct"]:
             bad.append((r["bench"], r["completion"][-60:], r["gt"], r["pred"], pred))
-    assert not bad, bad[:5]
+    assert len(bad) <= 0.005 * len(rows), bad
 
 
+# what sympy 1.12's parse_latex returns for each text (run on the toolkit's pinned versions)
 @pytest.mark.parametrize("text,expected", [
-    ("2+", "2"), ("2,3", "2"), ("10{,}000", "10"), ("1,000", "1000"), ("\\frac12", "1/2"),
-    ("\\frac{1}{2}\\pi", "pi/2"), ("2x", "2*x"), ("x(1+2)", "x(1 + 2)"), ("2^10", "2**10"),
-    ("\\sqrt[3]{2}", "2**(1/3)"), ("\\log 100", "log(100, E)"), ("\\sin^2 x", "sin(x)**2"),
-    ("\\tan^{-1}(1)", "atan(1)"), ("a_n", "a_{n}"), ("|3|", "Abs(3)"), ("3!", "factorial(3)"),
-    ("\\infty", "oo"), ("x=2", "Eq(x, 2)"), ("3\\sqrt2", "3"), ("1.5\\text{ cm}", "1.5*(text*(c*m))"),
+    ("2+", "2"), ("2,3", "2"), ("10{,}000", "10"), ("1,000", "1000"), ("15\\,840", "15840"), ("2 3", "23"),
+    ("\\frac{1}{2}\\pi", "pi/2"), ("2x", "2*x"), ("x(x+1)", "x(x + 1)"), ("2^10", "2**10"), ("x^ab", "b*x**a"),
+    ("10^-3", "10"), ("\\sqrt[3]{8}", "8**(1/3)"), ("\\log 100", "log(100, E)"), ("\\log_2 8", "log(8, 2)"),
+    ("\\sin^2 x", "sin(x)**2"), ("\\sin x \\cos x", "sin(x)*cos(x)"), ("\\tan^{-1} 1", "atan(1)"), ("a_n", "a_{n}"),
+    ("|x||y|", "Abs(x)*Abs(y)"), ("3!", "factorial(3)"), ("\\infty", "oo"), ("x=2", "Eq(x, 2)"), ("3\\sqrt2", "3"),
+    ("1.5\\text{ cm}", "1.5*(text*(c*m))"), ("3:4", "3/4"), ("2x3", "2*3"), ("1.77e-6", "1.77*e - 6"),
+    ("2\\times10^{5}", "2*10**5"), ("\\frac{1}{2}.Ihopethishelps!", "1/2"), ("2.5.3", "2.50000000000000"),
+    ("1+(2", "1"), ("x_10", "x_{10}"), ("1\\ne 2", "1*(ne*2)"),
 ])
-def test_latex_reader_reads_like_sympy_parse_latex(text, expected):
-    assert str(E.latex_to_sympy(text)) == expected
+def test_math_reader_reads_like_sympy_parse_latex(text, expected):
+    assert str(E.read_math(text)) == expected
 
 
-@pytest.mark.parametrize("text", ["\\sqrt2", "(1,2)", "2=", "x_{1", "2 $", "\\frac{1}{2", "0.Hence", ""])
-def test_latex_reader_rejects_what_sympy_parse_latex_rejects(text):
-    with pytest.raises(ValueError):
-        E.latex_to_sympy(text)
+@pytest.mark.parametrize("text", ["\\sqrt2", "(1,2)", "2=", "x_{1", "2 $", "\\frac{1}{2", "0.Hence", "", "2.", "((1)",
+                                  "\\mathrm{~m}", "5\\%", "π", "2&3", "-"])
+def test_math_reader_leaves_as_strings_what_sympy_parse_latex_rejects(text):
+    assert E.read_math(text) == text
+
+
+# where we knowingly differ (README, "Where we differ"): the official verdict, then ours
+@pytest.mark.parametrize("pred,gt,toolkit,ours", [
+    ("(2*n**2-2*n)+1", "2n^{2}-2n+1", True, False),  # Python syntax: the toolkit's parse_expr runs it
+    ("\\int_0^1xdx", "\\frac{1}{2}", True, False),  # integrals and sums are not read
+    ("\\sum_{i=1}^{3}i", "6", True, False),
+    ("{1,2}", "{2,1}", True, True),  # but sets of plain items are (parse_expr reads "{1,2}" as a set)
+    ("x**2+1", "x^2+1", False, False),  # parse_latex reads "x**2+1" as x: both say wrong
+])
+def test_known_differences_from_the_toolkit(pred, gt, toolkit, ours):
+    assert E.math_equal(pred, gt) == ours
+
+
+# model text that would run as Python in sympy's parse_expr/sympify; each must stay inert
+INJECTIONS = [
+    "__import__('os').system('touch {f}')",
+    "sympify(\"open('{f}','w')\")",
+    "sympify(srepr(Symbol(\"open('{f}','w')\")))",
+    "sympify(sstr(Symbol('__import__(\\'os\\').system(\\'touch {f}\\')'))[7:-2])",
+    "sympify(latex(Symbol(\"open('{f}','w')\")))",
+    "S(\"open('{f}','w')\")",
+    "parse_expr(str(Symbol(\"open('{f}','w')\")))",
+    "(lambda: open('{f}','w'))()",
+    "Symbol.__init__.__globals__['__builtins__']['open']('{f}','w')",
+    "x.__class__.__mro__[1].__subclasses__()",
+    "eval(chr(111)+chr(112)+chr(101)+chr(110)+'(\"{f}\",\"w\")')",
+    "getattr(__builtins__, 'open')('{f}', 'w')",
+    "ｏｐｅｎ('{f}','w')",  # full-width look-alikes, which Python folds to "open"
+    "ℯxec(\"open('{f}','w')\")",
+    "exec(\"open('{f}','w')\")",
+    "[open('{f}','w') for x in [1]]",
+    "sympify(srepr(Symbol)[0:4]+srepr(oo)[0:0])",  # slices of printed sympy objects, no quotes
+    "sympify(sstr(Lambda)[8:14]+latex(pi)[1:3])",
+]
+
+
+@pytest.fixture(scope="module")
+def grader():
+    g = E.Grader(timeout=1.0)  # as in a run: sympy may spend the whole limit on a long product of letters
+    yield g
+    g.close()
+
+
+@pytest.mark.parametrize("payload", INJECTIONS)
+def test_model_text_is_never_run_as_python(payload, grader, tmp_path):
+    target = tmp_path / "pwned"
+    text = payload.format(f=target)
+    for completion in (f"So \\boxed{{{text}}}", f"The answer is {text}"):
+        assert grader.grade(completion, "\\frac{3}{7}", "math")[1] is False  # graded, as wrong
+        grader.grade(completion, text, "math")  # against itself: no exception escapes either
+    assert not target.exists()
+    read = E.read_math(text)  # a plain string, or (like parse_latex) letters side by side: s*y*m*p*i*f*y
+    assert isinstance(read, str) or read.free_symbols <= {sympy.Symbol(c) for c in text}
+
+
+def test_a_huge_completion_is_cut_short_by_the_time_limit_and_counts_as_wrong():
+    """The time limit covers the whole grading (extraction, normalisation, comparison): three
+    megabytes of digits cannot finish in 0.1 s, and grade() still returns at once."""
+    grader = E.Grader(timeout=0.1)
+    t0 = time.time()
+    pred, ok, timed_out = grader.grade("so \\boxed{" + "9" * 3_000_000 + "}", "7", "math")
+    assert (ok, timed_out, grader.timeouts) == (False, True, 1) and time.time() - t0 < 2
+    grader.timeout = 5.0
+    assert grader.grade("\\boxed{\\frac{1}{2}}", "0.5", "math") == ("\\frac{1}{2}", True, False)
+    grader.close()
+
+
+def test_normalisation_is_linear_in_long_digit_runs():
+    t0 = time.time()  # the toolkit's strip_string: 74 s on 40,000 digits (two quadratic patterns)
+    assert E.normalize("1" * 40_000 + ".00x") == "1" * 40_000 + "x"
+    assert E.normalize("2" * 40_000 + ".0") == "2" * 40_000
+    assert time.time() - t0 < 1
 
 
 @pytest.mark.parametrize("text,expected", [
@@ -141,7 +222,8 @@ def test_normalize_strips_like_strip_string():
 def test_a_slow_comparison_times_out_as_wrong_and_grading_goes_on():
     grader = E.Grader(timeout=0.001)  # far too short for sympy
     pred, ok, timed_out = grader.grade("\\boxed{\\frac{\\sqrt{\\sqrt{11}+\\sqrt{194}}}{2\\sqrt{33}+15}}", "\\sqrt{2}", "math")
-    assert (pred, ok, timed_out, grader.timeouts) == ("\\frac{\\sqrt{\\sqrt{11}+\\sqrt{194}}}{2\\sqrt{33}+15}", False, True, 1)
+    assert (ok, timed_out, grader.timeouts) == (False, True, 1)
+    assert pred in (None, "\\frac{\\sqrt{\\sqrt{11}+\\sqrt{194}}}{2\\sqrt{33}+15}")  # None: not even extracted in time
     grader.timeout = 5.0
     assert grader.grade("\\boxed{0.5}", "\\frac{1}{2}", "math") == ("0.5", True, False)
     grader.close()
