@@ -150,7 +150,7 @@ def sample_batch(expert_model, amateur_model, prompts, pad_id, stop_ids, vocab, 
     h_expert = hidden_states(expert_model, full_ids, full_mask)  # (B, L, H_E)
     h_amateur = hidden_states(amateur_model, full_ids, full_mask)  # (B, L, H_A)
 
-    results = [dict(completion_ids=generated[b, :lengths[b]].tolist(), kl=[], plausible=[]) for b in range(len(prompts))]
+    results = [dict(completion_ids=ids[:n].tolist(), kl=[], plausible=[]) for ids, n in zip(generated, lengths)]
     for t0 in range(0, max(lengths), chunk):
         cols = slice(width - 1 + t0, width - 1 + min(t0 + chunk, max(lengths)))  # column width-1+t predicts token t
         logp_E = log_probs(expert_model, h_expert[:, cols], vocab)  # (B, c, V) log π_E
@@ -213,6 +213,20 @@ def visible(text, newline="\n"):
     return re.sub(r"[\x00-\x1f\x7f]", lambda m: f"<s>{mark(m[0])}</s>" + newline * (m[0] == "\n"), esc(text))
 
 
+def kl_histogram(kls, hi, beta, bins=50):
+    """An inline SVG histogram of KL values on [0, hi] (the last bar holds everything above), β marked."""
+    counts = [0] * bins
+    for k in kls:
+        counts[min(bins - 1, int(k / hi * bins))] += 1
+    top, x = max(counts) or 1, 8 * bins * min(beta / hi, 1)
+    bars = "".join(f'<rect x="{8 * j}" y="{90 - 90 * n / top:.1f}" width="7" height="{90 * n / top:.1f}"/>'
+                   for j, n in enumerate(counts) if n)
+    return (f'<svg width="{8 * bins + 20}" height="112" role="img" aria-label="histogram of KL"><g fill="#c66">{bars}'
+            f'</g><line x1="{x:.1f}" x2="{x:.1f}" y1="0" y2="92" stroke="#000"/><text x="{x + 3:.1f}" y="10">'
+            f'β = {beta}</text><text x="0" y="106">0</text><text x="{8 * bins}" y="106" text-anchor="end">'
+            f'KL {hi:.2f}+</text></svg>')
+
+
 def rollouts_page(out_dir):
     """Per question its completion token by token, shaded by KL(π_E‖π_A), kept positions outlined;
     hovering or focusing a kept token shows its plausible set V with π_E, π_A and v_C."""
@@ -223,34 +237,28 @@ def rollouts_page(out_dir):
     hi = max(2 * beta, kls[int(0.99 * (len(kls) - 1))] if kls else 0, 1e-3)  # the colour scale saturates at hi
     level = lambda k: min(LEVELS - 1, int(k / hi * LEVELS))  # noqa: E731
     css = CSS + "".join(f".k{j} {{ background: {heat((j + 0.5) / LEVELS * hi, hi)}; }}\n" for j in range(LEVELS))
-    bins = [0] * 50
-    for k in kls:
-        bins[min(49, int(k / hi * 50))] += 1
-    top, x_beta = max(bins) or 1, 400 * min(beta / hi, 1)
-    svg = ('<svg width="420" height="112" role="img" aria-label="histogram of KL"><g fill="#c66">' + "".join(
-        f'<rect x="{8 * j}" y="{90 - 90 * n / top:.1f}" width="7" height="{90 * n / top:.1f}"/>' for j, n in
-        enumerate(bins) if n) + f'</g><line x1="{x_beta:.1f}" x2="{x_beta:.1f}" y1="0" y2="92" stroke="#000"/>'
-        f'<text x="{x_beta + 3:.1f}" y="10">β = {beta}</text><text x="0" y="106">0</text>'
-        f'<text x="400" y="106" text-anchor="end">KL {hi:.2f}+</text></svg>')
+    n, n_kept = len(kls), len(labels)
+    head = (f"<p>{len(rollouts)} questions, {n} generated tokens, {n_kept} positions kept "
+            f"({100 * n_kept / max(n, 1):.1f}%); "
+            f"KL mean {statistics.fmean(kls) if kls else 0:.3f}, median {statistics.median(kls) if kls else 0:.3f}</p>"
+            "<p class=h>" + " · ".join(f"{esc(k)}: {esc(v)}" for k, v in
+                                      {**saved["config"], **(saved.get("tokenizers") or {})}.items()) + "</p>"
+            f"{kl_histogram(kls, hi, beta)}<p>Colour = KL(π_E‖π_A): "
+            + " ".join(f"<i class=k{j}>{j * hi / LEVELS:.2f}</i>" for j in range(LEVELS)) + " and up. Outlined: "
+            "the kept positions; hover over or focus one (Tab) for its KL and plausible set V: π_E, π_A, v_C and "
+            "token.</p>")
     blocks = []
     for r in rollouts:
         tokens = []
         for t, (text, k) in enumerate(zip(r["tokens"], r["kl"])):
             s = labels.get((r["index"], t))
-            V = s and "".join(f"\n{pe:.3f} {pa:.3f} {w:.3f} {visible(a, '')}"
+            V = s and "".join(f"\n{pe:.3g} {pa:.3g} {w:.3g} {visible(a, '')}"
                               for a, pe, pa, w in zip(s["tokens"], s["p_expert"], s["p_amateur"], s["weights"]))
             tokens.append(f"<b class=k{level(k)} tabindex=0>{visible(text)}<u>KL {k:.3f}{V}</u></b>"
                           if s else f"<i class=k{level(k)}>{visible(text)}</i>")
         name = "" if r["id"] == r["question"] else f" · {esc(r['id'])}"
         blocks.append(f"<div class=q><p class=h>#{r['index']}{name} · {len(r['kept'])} of {len(r['kl'])} positions "
                       f"kept</p><p>{esc(r['question'])}</p><p class=c>{''.join(tokens)}</p></div>\n")
-    n_kept, facts = len(labels), {**saved["config"], **(saved.get("tokenizers") or {})}
-    head = (f"<p>{len(rollouts)} questions, {len(kls)} generated tokens, {n_kept} positions kept "
-            f"({100 * n_kept / max(len(kls), 1):.1f}%); KL mean {statistics.fmean(kls) if kls else 0:.3f}, median "
-            f"{statistics.median(kls) if kls else 0:.3f}</p><p class=h>" + " · ".join(
-                f"{esc(k)}: {esc(v)}" for k, v in facts.items()) + f"</p>{svg}<p>Colour = KL(π_E‖π_A): " + " ".join(
-                f"<i class=k{j}>{j * hi / LEVELS:.2f}</i>" for j in range(LEVELS)) + " and up. Outlined: the "
-            "kept positions; hover over or focus one (Tab) for its KL and plausible set V: π_E, π_A, v_C and token.</p>")
     return page("LightReasoner stage 1: where the expert and the amateur differ", head + "".join(blocks), css)
 
 
@@ -368,9 +376,10 @@ if __name__ == "__main__":
                 records = []
                 for t in kept:
                     token_ids, weights, p_expert, p_amateur = map(list, zip(*r["plausible"][t]))
-                    records.append(dict(index=i, id=q["id"], question=q["question"], step=t, prefix=tok.decode(ids[:t]),
-                                        prefix_ids=ids[:t], token_ids=token_ids, tokens=[tok.decode([a]) for a in token_ids],
-                                        weights=weights, p_expert=p_expert, p_amateur=p_amateur, kl=r["kl"][t]))
+                    records.append(dict(index=i, id=q["id"], question=q["question"], step=t,
+                                        prefix=tok.decode(ids[:t]), prefix_ids=ids[:t], token_ids=token_ids,
+                                        tokens=[tok.decode([a]) for a in token_ids], weights=weights,
+                                        p_expert=p_expert, p_amateur=p_amateur, kl=r["kl"][t]))
                 append_jsonl(mine[0], records)
                 append_jsonl(mine[1], [dict(  # written last: the mark that this question is done
                     index=i, id=q["id"], question=q["question"], prompt=tok.decode(prompt), completion=tok.decode(ids),
@@ -382,7 +391,8 @@ if __name__ == "__main__":
     except KeyboardInterrupt:
         bar.close()
         if master:
-            print(f"interrupted: finished questions are saved in {out_dir}; run the same command to resume", file=sys.stderr)
+            print(f"interrupted: finished questions are saved in {out_dir}; run the same command to resume",
+                  file=sys.stderr)
         raise SystemExit(130)
     except torch.cuda.OutOfMemoryError:
         bar.close()

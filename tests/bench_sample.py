@@ -16,10 +16,14 @@ KL drawn log-normal so that about --kept of the positions exceed β = 0.4, plaus
 and times and sizes the page sample.py builds from them. --kept 1 is `--select all`, the largest page.
 """
 import argparse
+import json
+import math
 import os
+import random
 import sys
 import tempfile
 import time
+from statistics import NormalDist
 
 import torch
 
@@ -38,12 +42,8 @@ args = parser.parse_args()
 
 
 def page_benchmark(n_questions=1000, T=128, beta=0.4):
-    import json
-    import math
-    import random
     rng = random.Random(0)
     words = [" the", " of", " 12", " apples", ",", ".", "\n", "\n\n", " =", " +", " $", " \\frac", "<", "&", " She", "é"]
-    from statistics import NormalDist
     mu = math.log(beta) - NormalDist().inv_cdf(min(max(1 - args.kept, 1e-6), 1 - 1e-6))  # P(KL > β) = --kept
     out = tempfile.mkdtemp()
     with open(os.path.join(out, "rollouts.jsonl"), "w") as fr, open(os.path.join(out, "samples.jsonl"), "w") as fs:
@@ -56,12 +56,13 @@ def page_benchmark(n_questions=1000, T=128, beta=0.4):
             for t in kept:
                 n = rng.randint(1, 4)
                 w = sorted((rng.random() for _ in range(n)), reverse=True)
-                fs.write(json.dumps(dict(index=i, id=q, question=q, step=t, prefix="".join(tokens[:t]), prefix_ids=ids[:t],
-                                         token_ids=ids[:n], tokens=tokens[:n], weights=[x / sum(w) for x in w],
-                                         p_expert=[rng.random() for _ in range(n)],
-                                         p_amateur=[rng.random() for _ in range(n)], kl=kl[t]), ensure_ascii=False) + "\n")
-            fr.write(json.dumps(dict(index=i, id=q, question=q, prompt=q, completion="".join(tokens), completion_ids=ids,
-                                     tokens=tokens, kl=kl, kept=kept), ensure_ascii=False) + "\n")
+                record = dict(index=i, id=q, question=q, step=t, prefix="".join(tokens[:t]), prefix_ids=ids[:t],
+                              token_ids=ids[:n], tokens=tokens[:n], weights=[x / sum(w) for x in w],
+                              p_expert=[rng.random() for _ in range(n)],
+                              p_amateur=[10 ** rng.uniform(-6, 0) for _ in range(n)], kl=kl[t])
+                fs.write(json.dumps(record, ensure_ascii=False) + "\n")
+            fr.write(json.dumps(dict(index=i, id=q, question=q, prompt=q, completion="".join(tokens),
+                                     completion_ids=ids, tokens=tokens, kl=kl, kept=kept), ensure_ascii=False) + "\n")
     with open(os.path.join(out, "sample_config.json"), "w") as f:
         json.dump({"config": dict(expert="x", amateur="y", beta=beta, select="kl"), "totals": None}, f)
     t = time.perf_counter()
@@ -156,7 +157,7 @@ print(f"amateur side   ours: {n_ours:7d} tokens {t_ours * 1e3:8.1f} ms | per-pre
 # ---- the whole stage: ours (batched generation + two teacher-forced passes + contrast) vs the
 # reference's way (one question at a time: generate, then the per-prefix amateur passes)
 def whole_ours():
-    sample.sample_batch(expert, amateur, prompts, tok.pad_token_id, stop, vocab, T, 0.2, 0.4, sample.chunk)
+    sample.sample_batch(expert, amateur, prompts, tok.pad_token_id, stop, vocab, T, 0.2, sample.chunk)
 
 
 def whole_reference():

@@ -338,12 +338,15 @@ def deepseek_pair(tmp_path_factory):
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(questions(), trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    bpe.train_from_iterator(questions(), trainers.BpeTrainer(vocab_size=300,
+                                                             initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     root, paths = tmp_path_factory.mktemp("pair"), {}
     for name, added, template, extra, seed in [
-            ("expert", ["<｜end▁of▁sentence｜>", "<｜begin▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>"], DEEPSEEK_TEMPLATE, 12, 4),
+            ("expert", ["<｜end▁of▁sentence｜>", "<｜begin▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>"],
+             DEEPSEEK_TEMPLATE, 12, 4),
             ("amateur", ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], CHAT_TEMPLATE, 4, 5)]:
-        tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(bpe.to_str()), eos_token=added[0], pad_token=added[0])
+        tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(bpe.to_str()), eos_token=added[0],
+                                      pad_token=added[0])
         tok.add_tokens(added[1:], special_tokens=True)
         tok.chat_template = template
         paths[name] = str(root / name)
@@ -367,7 +370,8 @@ def test_a_pair_whose_added_tokens_differ_runs_with_the_experts_stop_tokens(deep
     assert config["tokenizers"] == {"base_vocab": 300, "added_tokens_differ": n,
                                     "example": "id 300: expert '<｜end▁of▁sentence｜>' vs amateur '<|endoftext|>'"}
     rollouts = [json.loads(line) for line in read_lines(tmp_path / "rollouts.jsonl")]
-    assert len(rollouts) == 2 and rollouts[0]["prompt"].startswith("<｜begin▁of▁sentence｜>Please reason step by step.<｜User｜>")
+    assert len(rollouts) == 2
+    assert rollouts[0]["prompt"].startswith("<｜begin▁of▁sentence｜>Please reason step by step.<｜User｜>")
     tok = common.load_tokenizer(deepseek_pair["expert"])
     model = common.load_model(deepseek_pair["expert"], "cpu", torch.float32)
     assert common.stop_token_ids(tok, model) == [300]  # <｜end▁of▁sentence｜>; the expert has no <|im_end|>
@@ -375,8 +379,9 @@ def test_a_pair_whose_added_tokens_differ_runs_with_the_experts_stop_tokens(deep
 
 
 def test_a_pair_whose_base_vocabulary_differs_is_refused(tiny_models, tmp_path, capsys):
-    code, _, err = run_main("sample.py", sample_args(tiny_models, tmp_path, "--amateur", tiny_models["other_tokenizer"]), capsys)
-    assert code == 2 and err.startswith("error: the expert's and amateur's tokenizers differ in their base vocabulary (id ")
+    args = sample_args(tiny_models, tmp_path, "--amateur", tiny_models["other_tokenizer"])
+    code, _, err = run_main("sample.py", args, capsys)
+    assert code == 2 and err.startswith("error: the expert's and amateur's tokenizers differ in their base vocabulary")
     assert not os.path.exists(tmp_path / "sample_config.json")
 
 
@@ -410,7 +415,8 @@ def questions_in_parts(d):
 def test_torchrun_killed_midway_and_resumed_writes_the_bytes_of_one_process(full_run, tiny_models, tmp_path, capsys):
     out, _ = full_run
     d = tmp_path / "tr"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            os.path.join(ROOT, "sample.py"), *map(str, sample_args(tiny_models, d))]
     for attempt in range(3):  # a kill that lands too late (a starved test process) is tried again
@@ -501,7 +507,8 @@ def test_the_page_shows_every_question_kept_token_and_plausible_set(full_run):
         lines = popup.split("\n")
         assert lines[0] == f"KL {s['kl']:.3f}" and len(lines) == 1 + len(s["token_ids"])
         for line, a, pe, pa, w in zip(lines[1:], s["tokens"], s["p_expert"], s["p_amateur"], s["weights"]):
-            assert line.split(" ", 3) == [f"{pe:.3f}", f"{pa:.3f}", f"{w:.3f}", a if a.isprintable() else line.split(" ", 3)[3]]
+            cells = line.split(" ", 3)  # π_E π_A v_C token (the token as shown: control characters as pictures)
+            assert cells == [f"{pe:.3g}", f"{pa:.3g}", f"{w:.3g}", a if a.isprintable() else cells[3]]
     assert "script" not in page.tags and "<svg" in (out / "rollouts.html").read_text()
 
 
