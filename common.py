@@ -236,9 +236,10 @@ def chat_prompt_ids(tok, question, system_prompt):
 
 
 def stop_token_ids(tok, model):
-    """Where a completion ends: the model's eos ids, the tokenizer's eos, `<|endoftext|>` and the
-    chat template's end of turn `<|im_end|>` (base models list only `<|endoftext|>`, and without
-    `<|im_end|>` they run on into an invented next turn)."""
+    """Where a completion ends: the model's eos ids (its generation config), the tokenizer's eos, and
+    `<|endoftext|>` and the chat template's end of turn `<|im_end|>` only where this tokenizer has
+    them (Qwen base models list only `<|endoftext|>`, and without `<|im_end|>` they run on into an
+    invented next turn; DeepSeek-R1-Distill-Qwen has neither: its own eos ends its turns)."""
     ids = set()
     eos = getattr(model.generation_config, "eos_token_id", None) if model is not None else None
     ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])

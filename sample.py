@@ -10,21 +10,29 @@ the expert's plausible tokens {a : π_E(a) ≥ α·max π_E}. Stage 2 (train.py)
     python sample.py                                  # the paper: 1000 GSM8K train questions
     python sample.py --max-questions 50 --batch-size 16
     python sample.py --data my_questions.jsonl        # any JSONL with a "question" field
+    python sample.py --select random --out-dir out_random    # ablation: as many positions, random places
+    torchrun --standalone --nproc_per_node 8 sample.py       # 8 GPUs, the batches dealt round robin
 
 Writes out/samples.jsonl (one line per kept position), out/rollouts.jsonl (one line per question:
-the completion and its KL at every position) and out/sample_config.json. Kill it at any moment and
-run the same command again: it resumes where it stopped.
+the completion and its KL at every position), out/sample_config.json and out/rollouts.html (a page
+to look at). Kill it at any moment and run the same command again: it resumes where it stopped.
 """
+import json
 import os
+import random
+import re
+import shutil
 import statistics
 import sys
 import time
 
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
-from common import (append_jsonl, chat_prompt_ids, complete_lines, die, download, greedy_config, load_model,
-                    load_tokenizer, parse_flags, pick_device, pick_dtype, position_ids, read_json,
-                    read_jsonl, stop_token_ids, write_json, write_jsonl)
+from common import (RANK, WORLD_SIZE, append_jsonl, barrier, chat_prompt_ids, complete_lines, die, download, esc,
+                    greedy_config, heat, init_distributed, load_model, load_tokenizer, lock_dir, make_dir, master,
+                    page, parse_flags, pick_dtype, position_ids, read_json, read_jsonl, stop_token_ids,
+                    sum_over_ranks, write_json, write_jsonl, write_page)
 
 # -----------------------------------------------------------------------------
 # configuration: the defaults reproduce the paper
@@ -35,13 +43,14 @@ max_questions = 1000  # the first N questions (paper: 1000 GSM8K questions)
 max_new_tokens = 128  # length of each expert rollout (paper: 128)
 alpha = 0.2  # plausibility cut α: keep tokens with π_E(a) ≥ α·max π_E (paper: 0.2)
 beta = 0.4  # KL threshold β: keep position t iff KL(π_E‖π_A) > β (paper: 0.4)
+select = "kl"  # positions to tune: "kl" (KL > β, the paper), "all", "random" (as many as kl, random places)
 system_prompt = "Please reason step by step."  # system turn of the chat prompt (as the reference)
-batch_size = 8  # questions generated together
+batch_size = 0  # questions generated together; 0: 64 on a GPU, 8 on the CPU
 chunk = 16  # generated positions whose full-vocabulary distributions are held at once (memory)
 out_dir = "out"
 device = "auto"  # cuda if available, else cpu
 dtype = "auto"  # bfloat16 on cuda, float32 on cpu; distributions are always float32
-seed = 1337
+seed = 1337  # torch seed; also draws the positions of --select random
 config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, str))]
 
 GSM8K_URL = "https://raw.githubusercontent.com/openai/grade-school-math/master/grade_school_math/data/train.jsonl"
@@ -80,28 +89,53 @@ def hidden_states(model, input_ids, attention_mask):
 
 @torch.no_grad()
 def log_probs(model, hidden, vocab):
-    """log π over the model's full output vocabulary (softmax of the raw logits, in float32), then
-    cut to the ids both models share: (B, c, H) -> (B, c, vocab)."""
-    return model.get_output_embeddings()(hidden).float().log_softmax(-1)[..., :vocab]
+    """log π over the model's full output vocabulary, then cut to the ids both models share: (B, c, H)
+    -> (B, c, vocab). The lm_head runs here in float32 (hidden.float() @ W.float().T, cheap at a chunk
+    of positions), so a bf16 model's logits are not rounded to bf16 before the softmax."""
+    head = model.get_output_embeddings()
+    bias = None if getattr(head, "bias", None) is None else head.bias.float()
+    return F.linear(hidden.float(), head.weight.float(), bias).log_softmax(-1)[..., :vocab]
 
 
-def contrast(logp_expert, logp_amateur, alpha, beta):
-    """The heart of LightReasoner, on (..., V) log-probabilities. Returns the KL at each position,
-    which positions are kept, the plausible set and the soft label v_C (zero outside the set)."""
+def contrast(logp_expert, logp_amateur, alpha):
+    """The heart of LightReasoner, on (..., V) log-probabilities. Returns the KL at each position, the
+    plausible set and the soft label v_C (zero outside the set)."""
     p_expert = logp_expert.exp()
     kl = (p_expert * (logp_expert - logp_amateur)).sum(-1)  # KL(π_E‖π_A)
-    keep = kl > beta  # only where the expert and the amateur really differ
     plausible = p_expert >= alpha * p_expert.max(-1, keepdim=True).values  # {a : π_E(a) ≥ α·max π_E}
     contrast_score = (logp_expert - logp_amateur).masked_fill(~plausible, float("-inf"))
     soft_label = contrast_score.softmax(-1)  # v_C = softmax over the plausible set of log π_E − log π_A
-    return kl, keep, plausible, soft_label
+    return kl, plausible, soft_label
+
+
+def select_positions(kl, select, beta, seed, index):
+    """The positions of one rollout that stage 2 tunes, from its KL at every position (a list). The paper
+    keeps t iff KL(π_E‖π_A) > β; the ablations keep every position, or as many as the paper keeps at
+    random places (drawn from --seed and the question's index: the same in every run)."""
+    special = [t for t, k in enumerate(kl) if k > beta]  # only where the expert and the amateur really differ
+    if select == "all":
+        return list(range(len(kl)))
+    if select == "random":
+        return sorted(random.Random(f"{seed}:{index}").sample(range(len(kl)), len(special)))
+    return special
+
+
+def label_positions(logp_expert, logp_amateur, alpha):
+    """Contrast (B, c, V) log-probabilities. Returns (B, c) nested lists: the KL at each position, and
+    its plausible set V as (a, v_C(a), π_E(a), π_A(a)) tuples, most contrastive first."""
+    kl, plausible, soft_label = contrast(logp_expert, logp_amateur, alpha)
+    b, c, a = plausible.nonzero().unbind(1)  # one nonzero for the whole chunk, not one per position
+    values = torch.stack([soft_label[b, c, a], logp_expert[b, c, a].exp(), logp_amateur[b, c, a].exp()], 1)
+    sets = [[[] for _ in range(kl.shape[1])] for _ in range(kl.shape[0])]
+    for bi, ci, ai, v in zip(b.tolist(), c.tolist(), a.tolist(), values.tolist()):
+        sets[bi][ci].append((ai, *v))
+    return kl.tolist(), [[sorted(s, key=lambda e: -e[1]) for s in row] for row in sets]
 
 
 @torch.no_grad()
-def sample_batch(expert_model, amateur_model, prompts, pad_id, stop_ids, vocab, max_new_tokens, alpha, beta, chunk):
+def sample_batch(expert_model, amateur_model, prompts, pad_id, stop_ids, vocab, max_new_tokens, alpha, chunk):
     """Roll out a batch of prompts (lists of token ids) with the expert and contrast it with the
-    amateur. Returns, per prompt: completion ids, the KL at every position, and the kept positions
-    as (step, token_ids, weights)."""
+    amateur. Returns, per prompt: completion ids, and at every position its KL and plausible set."""
     dev = expert_model.device
     width = max(map(len, prompts))  # left padding: every prompt ends at column width-1
     input_ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=dev)
@@ -116,29 +150,116 @@ def sample_batch(expert_model, amateur_model, prompts, pad_id, stop_ids, vocab, 
     h_expert = hidden_states(expert_model, full_ids, full_mask)  # (B, L, H_E)
     h_amateur = hidden_states(amateur_model, full_ids, full_mask)  # (B, L, H_A)
 
-    results = [dict(completion_ids=generated[b, :lengths[b]].tolist(), kl=[], kept=[]) for b in range(len(prompts))]
+    results = [dict(completion_ids=ids[:n].tolist(), kl=[], plausible=[]) for ids, n in zip(generated, lengths)]
     for t0 in range(0, max(lengths), chunk):
         cols = slice(width - 1 + t0, width - 1 + min(t0 + chunk, max(lengths)))  # column width-1+t predicts token t
         logp_E = log_probs(expert_model, h_expert[:, cols], vocab)  # (B, c, V) log π_E
         logp_A = log_probs(amateur_model, h_amateur[:, cols], vocab)  # (B, c, V) log π_A
-        kl, keep, plausible, soft_label = contrast(logp_E, logp_A, alpha, beta)
-        # V and v_C of all kept positions of the chunk at once (one nonzero, not one per position)
-        row, token = plausible[keep].nonzero().unbind(1)  # (n,), (n,): kept position, token id a ∈ V
-        weight = soft_label[keep][row, token]  # v_C(a)
-        labels = {pos: ([], []) for pos in map(tuple, keep.nonzero().tolist())}
-        kept_positions = list(labels)
-        for i, a, w in zip(row.tolist(), token.tolist(), weight.tolist()):
-            labels[kept_positions[i]][0].append(a)
-            labels[kept_positions[i]][1].append(w)
-        kl = kl.tolist()
+        kl, plausible = label_positions(logp_E, logp_A, alpha)
         for b, r in enumerate(results):
-            for c in range(min(chunk, lengths[b] - t0)):
-                r["kl"].append(kl[b][c])
-                if (b, c) in labels:
-                    ids, weights = labels[b, c]
-                    order = sorted(range(len(ids)), key=lambda j: -weights[j])  # most contrastive first
-                    r["kept"].append((t0 + c, [ids[j] for j in order], [weights[j] for j in order]))
+            n = max(0, min(chunk, lengths[b] - t0))
+            r["kl"] += kl[b][:n]
+            r["plausible"] += plausible[b][:n]
     return results
+
+
+# -----------------------------------------------------------------------------
+# the files: under torchrun each process appends to its own part files; rank 0 merges them at the end
+
+
+def file_pairs(out_dir):
+    """The (samples, rollouts) files that may hold finished questions: the merged pair, then each
+    process's part files (of this run or an earlier one, with any number of processes)."""
+    parts = os.path.join(out_dir, "parts")
+    names = {n.split(".")[1] for n in os.listdir(parts) if n.endswith(".jsonl")} if os.path.isdir(parts) else set()
+    return [(os.path.join(out_dir, "samples.jsonl"), os.path.join(out_dir, "rollouts.jsonl"))] + [
+        (os.path.join(parts, f"samples.{n}.jsonl"), os.path.join(parts, f"rollouts.{n}.jsonl")) for n in sorted(names)]
+
+
+def merge(out_dir, n_questions):
+    """Every file's questions, in question order, into samples.jsonl and rollouts.jsonl: byte for byte
+    what one process writes. A question found twice (a kill during a merge) is taken once."""
+    pairs = file_pairs(out_dir)
+    rollouts, samples = {}, {}
+    for samples_path, rollouts_path in pairs:
+        here = {r["index"]: r for r in complete_lines(rollouts_path) if r["index"] not in rollouts}
+        rollouts.update(here)
+        for s in complete_lines(samples_path):
+            if s["index"] in here:
+                samples.setdefault(s["index"], []).append(s)
+    assert sorted(rollouts) == list(range(n_questions)), "questions missing after sampling"
+    write_jsonl(pairs[0][0], [s for i in sorted(samples) for s in samples[i]])
+    write_jsonl(pairs[0][1], [rollouts[i] for i in range(n_questions)])
+    shutil.rmtree(os.path.join(out_dir, "parts"))
+
+
+# -----------------------------------------------------------------------------
+# out/rollouts.html: a view of the three files above, rebuilt from them at the end of every run
+
+CSS = """.q { border-top: 1px solid #ddd; } .h { color: #888; margin-bottom: 0; } i { font-style: normal; }
+.c { font-family: ui-monospace, monospace; white-space: pre-wrap; } s { text-decoration: none; color: #999; }
+.c b { font-weight: normal; outline: 1px solid #333; position: relative; cursor: help; }
+.c u { display: none; position: absolute; left: 0; top: 1.5em; z-index: 9; background: #fff; white-space: pre;
+       border: 1px solid #888; padding: .3em .6em; text-decoration: none; box-shadow: 0 2px 6px #0003; }
+.c b:hover u, .c b:focus u { display: block; } .c u::after { content: "\\A π_E, π_A, v_C, token"; color: #999; }
+"""
+LEVELS = 8  # steps of the KL colour scale
+
+
+def visible(text, newline="\n"):
+    """A token's text, escaped, its invisible characters shown muted: ↵ for a newline (then `newline`),
+    → for a tab, the Unicode control pictures (␁ ...) for other control characters."""
+    mark = lambda c: {"\n": "↵", "\t": "→", "\x7f": "␡"}.get(c, chr(0x2400 + ord(c)))  # noqa: E731
+    return re.sub(r"[\x00-\x1f\x7f]", lambda m: f"<s>{mark(m[0])}</s>" + newline * (m[0] == "\n"), esc(text))
+
+
+def kl_histogram(kls, hi, beta, bins=50):
+    """An inline SVG histogram of KL values on [0, hi] (the last bar holds everything above), β marked."""
+    counts = [0] * bins
+    for k in kls:
+        counts[min(bins - 1, int(k / hi * bins))] += 1
+    top, x = max(counts) or 1, 8 * bins * min(beta / hi, 1)
+    bars = "".join(f'<rect x="{8 * j}" y="{90 - 90 * n / top:.1f}" width="7" height="{90 * n / top:.1f}"/>'
+                   for j, n in enumerate(counts) if n)
+    return (f'<svg width="{8 * bins + 20}" height="112" role="img" aria-label="histogram of KL"><g fill="#c66">{bars}'
+            f'</g><line x1="{x:.1f}" x2="{x:.1f}" y1="0" y2="92" stroke="#000"/><text x="{x + 3:.1f}" y="10">'
+            f'β = {beta}</text><text x="0" y="106">0</text><text x="{8 * bins}" y="106" text-anchor="end">'
+            f'KL {hi:.2f}+</text></svg>')
+
+
+def rollouts_page(out_dir):
+    """Per question its completion token by token, shaded by KL(π_E‖π_A), kept positions outlined;
+    hovering or focusing a kept token shows its plausible set V with π_E, π_A and v_C."""
+    saved = read_json(os.path.join(out_dir, "sample_config.json"))
+    rollouts = complete_lines(os.path.join(out_dir, "rollouts.jsonl"))
+    labels = {(s["index"], s["step"]): s for s in complete_lines(os.path.join(out_dir, "samples.jsonl"))}
+    beta, kls = saved["config"]["beta"], sorted(k for r in rollouts for k in r["kl"])
+    hi = max(2 * beta, kls[int(0.99 * (len(kls) - 1))] if kls else 0, 1e-3)  # the colour scale saturates at hi
+    level = lambda k: min(LEVELS - 1, int(k / hi * LEVELS))  # noqa: E731
+    css = CSS + "".join(f".k{j} {{ background: {heat((j + 0.5) / LEVELS * hi, hi)}; }}\n" for j in range(LEVELS))
+    n, n_kept = len(kls), len(labels)
+    head = (f"<p>{len(rollouts)} questions, {n} generated tokens, {n_kept} positions kept "
+            f"({100 * n_kept / max(n, 1):.1f}%); "
+            f"KL mean {statistics.fmean(kls) if kls else 0:.3f}, median {statistics.median(kls) if kls else 0:.3f}</p>"
+            "<p class=h>" + " · ".join(f"{esc(k)}: {esc(v)}" for k, v in
+                                      {**saved["config"], **(saved.get("tokenizers") or {})}.items()) + "</p>"
+            f"{kl_histogram(kls, hi, beta)}<p>Colour = KL(π_E‖π_A): "
+            + " ".join(f"<i class=k{j}>{j * hi / LEVELS:.2f}</i>" for j in range(LEVELS)) + " and up. Outlined: "
+            "the kept positions; hover over or focus one (Tab) for its KL and plausible set V: π_E, π_A, v_C and "
+            "token.</p>")
+    blocks = []
+    for r in rollouts:
+        tokens = []
+        for t, (text, k) in enumerate(zip(r["tokens"], r["kl"])):
+            s = labels.get((r["index"], t))
+            V = s and "".join(f"\n{pe:.3g} {pa:.3g} {w:.3g} {visible(a, '')}"
+                              for a, pe, pa, w in zip(s["tokens"], s["p_expert"], s["p_amateur"], s["weights"]))
+            tokens.append(f"<b class=k{level(k)} tabindex=0>{visible(text)}<u>KL {k:.3f}{V}</u></b>"
+                          if s else f"<i class=k{level(k)}>{visible(text)}</i>")
+        name = "" if r["id"] == r["question"] else f" · {esc(r['id'])}"
+        blocks.append(f"<div class=q><p class=h>#{r['index']}{name} · {len(r['kept'])} of {len(r['kl'])} positions "
+                      f"kept</p><p>{esc(r['question'])}</p><p class=c>{''.join(tokens)}</p></div>\n")
+    return page("LightReasoner stage 1: where the expert and the amateur differ", head + "".join(blocks), css)
 
 
 # -----------------------------------------------------------------------------
@@ -148,105 +269,151 @@ if __name__ == "__main__":
         die(f"--alpha {alpha} must be in (0, 1]: the plausible set keeps tokens with π_E ≥ α·max π_E")
     if beta < 0:
         die(f"--beta {beta} must be ≥ 0: it is a KL threshold")
-    if max_new_tokens < 1 or max_questions < 1 or batch_size < 1 or chunk < 1:
-        die("--max-new-tokens, --max-questions, --batch-size and --chunk must be ≥ 1")
+    if select not in ("kl", "all", "random"):
+        die(f"--select {select} is not one of kl, all, random")
+    if max_new_tokens < 1 or max_questions < 1 or chunk < 1 or batch_size < 0:
+        die("--max-new-tokens, --max-questions and --chunk must be ≥ 1, --batch-size ≥ 0 (0: automatic)")
+    dev = init_distributed(device)  # under torchrun: this process's GPU (or the CPU, with Gloo)
+    batch_size = batch_size or (64 if dev.startswith("cuda") else 8)  # GPU time ≈ ceil(N / batch) decode runs
+    torch_dtype = pick_dtype(dtype, dev)
     torch.manual_seed(seed)
 
     # ---- the questions
-    path = download(GSM8K_URL, os.path.join("data", "gsm8k", "train.jsonl")) if data == "gsm8k" else data
-    rows = read_jsonl(path, with_lines=True)
+    path = os.path.join("data", "gsm8k", "train.jsonl") if data == "gsm8k" else data
+    if data == "gsm8k" and master:
+        download(GSM8K_URL, path)
+    barrier()  # the other processes read what rank 0 downloaded
+    rows = read_jsonl(path, "questions file", with_lines=True)
     if not rows:
         die(f"{path} holds no questions; give a JSONL file with one {{\"question\": ...}} per line")
     for n, row in rows:
         if not isinstance(row.get("question"), str) or not row["question"].strip():
             die(f"{path}:{n}: no \"question\" field (a non-empty string); every line needs one")
-    questions = [dict(id=row.get("id", row["question"]), question=row["question"]) for _, row in rows][:max_questions]
+        if row.get("id") is not None and (isinstance(row["id"], bool) or not isinstance(row["id"], (str, int))):
+            die(f"{path}:{n}: \"id\" is {json.dumps(row['id'])[:40]}; make it a string or an integer, or leave it out")
+    questions = [dict(id=row["question"] if row.get("id") is None else row["id"], question=row["question"])
+                 for _, row in rows][:max_questions]
 
-    # ---- the models: one tokenizer for both, so they must agree on every shared id
-    dev = pick_device(device)
-    torch_dtype = pick_dtype(dtype, dev)
-    tok = load_tokenizer(expert)
-    tok_amateur = load_tokenizer(amateur)
-    shared = min(len(tok), len(tok_amateur))
-    names_E, names_A = tok.convert_ids_to_tokens(list(range(shared))), tok_amateur.convert_ids_to_tokens(list(range(shared)))
-    bad = next((i for i in range(shared) if names_E[i] != names_A[i]), None)
+    # ---- the output directory: one run at a time; resume a run with the same configuration, refuse to mix two
+    samples_path, rollouts_path = os.path.join(out_dir, "samples.jsonl"), os.path.join(out_dir, "rollouts.jsonl")
+    config_path, parts_dir = os.path.join(out_dir, "sample_config.json"), os.path.join(out_dir, "parts")
+    run_config = {k: globals()[k] for k in ["expert", "amateur", "data", "max_questions", "max_new_tokens",
+                                            "alpha", "beta", "select", "system_prompt", "seed"]}
+    run_config["dtype"] = str(torch_dtype).removeprefix("torch.")
+    if master:
+        make_dir(out_dir)
+        lock_dir(out_dir, "sample")  # a second run on this directory stops here
+        fix = f"delete {out_dir} (or pass another --out-dir) and run again"
+        if os.path.exists(config_path):
+            old = read_json(config_path, fix).get("config")
+            if not isinstance(old, dict):
+                die(f"{config_path} is damaged (no \"config\" object); {fix}")
+            diff = sorted(k for k in set(old) | set(run_config) if old.get(k) != run_config.get(k))
+            if diff:
+                die(f"{out_dir} holds a sampling run with another configuration ({', '.join(diff)} differ); "
+                    "pass a new --out-dir or delete the old one")
+        elif any(os.path.exists(p) for p in (samples_path, rollouts_path, parts_dir)):
+            die(f"{out_dir} holds samples without a sample_config.json; pass a new --out-dir or delete the old files")
+
+    # ---- the models. The amateur reads the expert's token ids, so the tokenizers must agree on every id
+    # of the base vocabulary (the BPE tokens, below the expert's vocab_size). Added tokens may differ
+    # (DeepSeek-R1-Distill-Qwen's vs Qwen2.5's, from id 151643): compared id by id, as the reference does.
+    tok, tok_amateur = load_tokenizer(expert), load_tokenizer(amateur)
+    n_ids = max(len(tok), len(tok_amateur))
+    names_E, names_A = (t.convert_ids_to_tokens(list(range(n_ids))) for t in (tok, tok_amateur))
+    bad = next((i for i in range(tok.vocab_size) if names_E[i] != names_A[i]), None)
     if bad is not None:
-        die(f"the expert's and amateur's tokenizers differ (id {bad}: {names_E[bad]!r} vs {names_A[bad]!r}); "
-            "LightReasoner compares distributions token by token, so pick two models of one family")
+        die(f"the expert's and amateur's tokenizers differ in their base vocabulary (id {bad}: {names_E[bad]!r} vs "
+            f"{names_A[bad]!r}); LightReasoner compares distributions token by token, so pick two models of one family")
+    differ = [i for i in range(tok.vocab_size, n_ids) if names_E[i] != names_A[i]]
+    tokenizers = dict(base_vocab=tok.vocab_size, added_tokens_differ=len(differ), example=differ and
+                      f"id {differ[0]}: expert {names_E[differ[0]]!r} vs amateur {names_A[differ[0]]!r}" or None)
+    if differ and master:
+        print(f"note: {len(differ)} added tokens differ between the tokenizers (ids {differ[0]}–{differ[-1]}; "
+              f"{tokenizers['example']}, ...); compared id by id, as the reference does", file=sys.stderr)
     expert_model = load_model(expert, dev, torch_dtype)
     amateur_model = load_model(amateur, dev, torch_dtype)
     # Compare on the ids both output layers have (Qwen pads its vocabularies to different sizes).
     vocab = min(expert_model.get_output_embeddings().out_features, amateur_model.get_output_embeddings().out_features)
-    stop_ids = stop_token_ids(tok, expert_model)
+    stop_ids = stop_token_ids(tok, expert_model)  # the expert's own end tokens
 
-    # ---- the output directory: resume a run with the same configuration, refuse to mix two
-    os.makedirs(out_dir, exist_ok=True)
-    samples_path, rollouts_path = os.path.join(out_dir, "samples.jsonl"), os.path.join(out_dir, "rollouts.jsonl")
-    config_path = os.path.join(out_dir, "sample_config.json")
-    run_config = {k: globals()[k] for k in ["expert", "amateur", "data", "max_questions", "max_new_tokens",
-                                            "alpha", "beta", "system_prompt", "seed"]}
-    run_config["dtype"] = str(torch_dtype).removeprefix("torch.")
-    if os.path.exists(config_path):
-        old = read_json(config_path).get("config", {})
-        diff = sorted(k for k in set(old) | set(run_config) if old.get(k) != run_config.get(k))
-        if diff:
-            die(f"{out_dir} holds a sampling run with another configuration ({', '.join(diff)} differ); "
-                "pass a new --out-dir or delete the old one")
-    elif os.path.exists(samples_path) or os.path.exists(rollouts_path):
-        die(f"{out_dir} holds samples without a sample_config.json; pass a new --out-dir or delete the old files")
-    write_json(config_path, {"config": run_config, "totals": None})
-    # A question is done once its rollout line is written (after its samples). Samples written
-    # after the last done question belong to one a kill interrupted: drop them; it is redone.
-    rollouts = complete_lines(rollouts_path)
-    assert [r["index"] for r in rollouts] == list(range(len(rollouts))), "rollouts.jsonl out of order"
-    n_samples = sum(len(r["kept"]) for r in rollouts)
-    write_jsonl(samples_path, complete_lines(samples_path)[:n_samples])
-    done = len(rollouts)
+    # ---- what is done. A question is done once its rollout line is written (after its samples). Rank 0
+    # drops samples of questions a kill interrupted (they are redone), then every process reads the rest.
+    if master:
+        write_json(config_path, {"config": run_config, "tokenizers": tokenizers, "totals": None})
+        for s_path, r_path in file_pairs(out_dir):
+            finished = {r["index"] for r in complete_lines(r_path)}
+            write_jsonl(s_path, [s for s in complete_lines(s_path) if s["index"] in finished])
+        if WORLD_SIZE > 1:
+            make_dir(parts_dir)
+    barrier()
+    done = {r["index"] for _, r_path in file_pairs(out_dir) for r in complete_lines(r_path)}
+    barrier()  # all have read before any appends
+    mine = (samples_path, rollouts_path) if WORLD_SIZE == 1 else (
+        os.path.join(parts_dir, f"samples.rank{RANK}.jsonl"), os.path.join(parts_dir, f"rollouts.rank{RANK}.jsonl"))
 
-    # ---- sample. Batches keep fixed boundaries, so a resumed run pads (and rounds) exactly like
-    # an uninterrupted one; a half-written batch is recomputed and only its missing questions written.
+    # ---- sample. Batches keep fixed boundaries, so a resumed run, or one with several processes (batch k
+    # goes to rank k mod N), pads and rounds exactly like one uninterrupted process; a half-written batch
+    # is recomputed and only its missing questions written.
+    batches = [range(s, min(s + batch_size, len(questions))) for s in range(0, len(questions), batch_size)]
+    my_batches = batches[RANK::WORLD_SIZE]
     t_start, new_tokens = time.time(), 0
-    n_kept, kl_sum, n_positions = n_samples, sum(sum(r["kl"]) for r in rollouts), sum(len(r["kl"]) for r in rollouts)
-    bar = tqdm(total=len(questions), initial=done, desc="sampling", unit="q", dynamic_ncols=True)
+    n_kept = kl_sum = n_positions = 0  # this process, this run (the bar's postfix)
+    bar = tqdm(total=sum(map(len, my_batches)), initial=sum(i in done for b in my_batches for i in b),
+               desc="sampling", unit="q", dynamic_ncols=True, disable=not master)
     try:
-        for start in range(0, len(questions), batch_size):
-            batch = questions[start:start + batch_size]
-            if start + len(batch) <= done:
+        for batch in my_batches:
+            if all(i in done for i in batch):
                 continue
-            prompts = [chat_prompt_ids(tok, q["question"], system_prompt) for q in batch]
-            for i, (q, prompt, r) in enumerate(zip(batch, prompts, sample_batch(
-                    expert_model, amateur_model, prompts, tok.pad_token_id, stop_ids, vocab,
-                    max_new_tokens, alpha, beta, chunk))):
-                if start + i < done:
+            prompts = [chat_prompt_ids(tok, questions[i]["question"], system_prompt) for i in batch]
+            results = sample_batch(expert_model, amateur_model, prompts, tok.pad_token_id, stop_ids, vocab,
+                                   max_new_tokens, alpha, chunk)
+            for i, prompt, r in zip(batch, prompts, results):
+                if i in done:
                     continue
-                ids = r["completion_ids"]
-                append_jsonl(samples_path, [dict(
-                    id=q["id"], question=q["question"], step=t, prefix=tok.decode(ids[:t]), prefix_ids=ids[:t],
-                    token_ids=token_ids, tokens=[tok.decode([a]) for a in token_ids], weights=weights, kl=r["kl"][t],
-                ) for t, token_ids, weights in r["kept"]])
-                append_jsonl(rollouts_path, [dict(  # written last: the mark that this question is done
-                    index=start + i, id=q["id"], question=q["question"], prompt=tok.decode(prompt),
-                    completion=tok.decode(ids), completion_ids=ids, kl=r["kl"], kept=[t for t, _, _ in r["kept"]],
-                )])
+                q, ids = questions[i], r["completion_ids"]
+                kept = select_positions(r["kl"], select, beta, seed, i)
+                records = []
+                for t in kept:
+                    token_ids, weights, p_expert, p_amateur = map(list, zip(*r["plausible"][t]))
+                    records.append(dict(index=i, id=q["id"], question=q["question"], step=t,
+                                        prefix=tok.decode(ids[:t]), prefix_ids=ids[:t], token_ids=token_ids,
+                                        tokens=[tok.decode([a]) for a in token_ids], weights=weights,
+                                        p_expert=p_expert, p_amateur=p_amateur, kl=r["kl"][t]))
+                append_jsonl(mine[0], records)
+                append_jsonl(mine[1], [dict(  # written last: the mark that this question is done
+                    index=i, id=q["id"], question=q["question"], prompt=tok.decode(prompt), completion=tok.decode(ids),
+                    completion_ids=ids, tokens=[tok.decode([a]) for a in ids], kl=r["kl"], kept=kept)])
                 new_tokens += len(ids)
-                n_kept, kl_sum, n_positions = n_kept + len(r["kept"]), kl_sum + sum(r["kl"]), n_positions + len(ids)
+                n_kept, kl_sum, n_positions = n_kept + len(kept), kl_sum + sum(r["kl"]), n_positions + len(ids)
                 bar.update(1)
                 bar.set_postfix(kept=n_kept, mean_kl=f"{kl_sum / max(n_positions, 1):.3f}")
     except KeyboardInterrupt:
         bar.close()
-        print(f"interrupted: {bar.n} questions are saved in {out_dir}; run the same command to resume", file=sys.stderr)
+        if master:
+            print(f"interrupted: finished questions are saved in {out_dir}; run the same command to resume",
+                  file=sys.stderr)
         raise SystemExit(130)
+    except torch.cuda.OutOfMemoryError:
+        bar.close()
+        die(f"out of GPU memory with --batch-size {batch_size}; lower --batch-size (or --chunk, now {chunk}) and run "
+            "the same command again: finished questions are kept", every_rank=True)
     bar.close()
 
-    # ---- totals, over the whole run (resumed parts included)
-    rollouts = complete_lines(rollouts_path)
-    kls = [k for r in rollouts for k in r["kl"]]
-    wall = time.time() - t_start
-    totals = dict(questions=len(rollouts), generated_tokens=len(kls), kept_positions=n_kept,
-                  kept_fraction=n_kept / max(len(kls), 1), mean_kl=statistics.fmean(kls) if kls else 0.0,
-                  median_kl=statistics.median(kls) if kls else 0.0, wall_time_s=wall,
-                  tokens_per_s=new_tokens / wall if wall > 0 else 0.0)
-    write_json(config_path, {"config": run_config, "totals": totals})
-    print(f"sampled {totals['questions']} questions, {totals['generated_tokens']} tokens; kept {n_kept} positions "
-          f"({100 * totals['kept_fraction']:.1f}%), mean KL {totals['mean_kl']:.3f}; {wall:.0f}s this run "
-          f"({totals['tokens_per_s']:.1f} tokens/s) -> {samples_path}")
+    # ---- totals, over the whole run (resumed parts and all processes included); the page
+    new_tokens = sum_over_ranks([new_tokens], dev)[0]  # also waits for every process to finish
+    if master:
+        if os.path.isdir(parts_dir):  # torchrun's part files, of this run or an earlier one
+            merge(out_dir, len(questions))
+        rollouts = complete_lines(rollouts_path)
+        kls = [k for r in rollouts for k in r["kl"]]
+        n_kept, wall = sum(len(r["kept"]) for r in rollouts), time.time() - t_start
+        totals = dict(questions=len(rollouts), generated_tokens=len(kls), kept_positions=n_kept,
+                      kept_fraction=n_kept / max(len(kls), 1), mean_kl=statistics.fmean(kls) if kls else 0.0,
+                      median_kl=statistics.median(kls) if kls else 0.0, wall_time_s=wall,
+                      tokens_per_s=new_tokens / wall if wall > 0 else 0.0, processes=WORLD_SIZE, batch_size=batch_size)
+        write_json(config_path, {"config": run_config, "tokenizers": tokenizers, "totals": totals})
+        write_page(os.path.join(out_dir, "rollouts.html"), lambda: rollouts_page(out_dir))
+        print(f"sampled {totals['questions']} questions, {totals['generated_tokens']} tokens; kept {n_kept} positions "
+              f"({100 * totals['kept_fraction']:.1f}%), mean KL {totals['mean_kl']:.3f}; {wall:.0f}s this run "
+              f"({totals['tokens_per_s']:.1f} tokens/s) -> {samples_path}, {os.path.join(out_dir, 'rollouts.html')}")

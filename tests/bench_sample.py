@@ -8,12 +8,22 @@ forward), on the tiny test models, for the same expert rollouts.
 
 Prints amateur tokens processed and wall time of each, and their ratios; also the whole stage
 (generation included) done ours (batched) vs the reference's way (one question at a time).
+
+    python tests/bench_sample.py --page               # rollouts.html of a synthetic 1,000 × 128-token run
+
+--page writes synthetic samples.jsonl / rollouts.jsonl / sample_config.json (shaped like a real run:
+KL drawn log-normal so that about --kept of the positions exceed β = 0.4, plausible sets of 1-4 tokens)
+and times and sizes the page sample.py builds from them. --kept 1 is `--select all`, the largest page.
 """
 import argparse
+import json
+import math
 import os
+import random
 import sys
 import tempfile
 import time
+from statistics import NormalDist
 
 import torch
 
@@ -26,7 +36,48 @@ import sample  # noqa: E402
 parser = argparse.ArgumentParser()
 parser.add_argument("--questions", type=int, default=8)
 parser.add_argument("--max-new-tokens", type=int, default=128)
+parser.add_argument("--page", action="store_true", help="time and size rollouts.html on a synthetic run")
+parser.add_argument("--kept", type=float, default=0.3, help="--page: fraction of positions kept")
 args = parser.parse_args()
+
+
+def page_benchmark(n_questions=1000, T=128, beta=0.4):
+    rng = random.Random(0)
+    words = [" the", " of", " 12", " apples", ",", ".", "\n", "\n\n", " =", " +", " $", " \\frac", "<", "&", " She", "é"]
+    mu = math.log(beta) - NormalDist().inv_cdf(min(max(1 - args.kept, 1e-6), 1 - 1e-6))  # P(KL > β) = --kept
+    out = tempfile.mkdtemp()
+    with open(os.path.join(out, "rollouts.jsonl"), "w") as fr, open(os.path.join(out, "samples.jsonl"), "w") as fs:
+        for i in range(n_questions):
+            ids = [rng.randrange(150000) for _ in range(T)]
+            tokens = [rng.choice(words) for _ in range(T)]
+            kl = [math.exp(rng.gauss(mu, 1.0)) for _ in range(T)]
+            kept = [t for t in range(T) if kl[t] > beta]
+            q = f"Question {i}: " + "".join(rng.choice(words) for _ in range(40))
+            for t in kept:
+                n = rng.randint(1, 4)
+                w = sorted((rng.random() for _ in range(n)), reverse=True)
+                record = dict(index=i, id=q, question=q, step=t, prefix="".join(tokens[:t]), prefix_ids=ids[:t],
+                              token_ids=ids[:n], tokens=tokens[:n], weights=[x / sum(w) for x in w],
+                              p_expert=[rng.random() for _ in range(n)],
+                              p_amateur=[10 ** rng.uniform(-6, 0) for _ in range(n)], kl=kl[t])
+                fs.write(json.dumps(record, ensure_ascii=False) + "\n")
+            fr.write(json.dumps(dict(index=i, id=q, question=q, prompt=q, completion="".join(tokens),
+                                     completion_ids=ids, tokens=tokens, kl=kl, kept=kept), ensure_ascii=False) + "\n")
+    with open(os.path.join(out, "sample_config.json"), "w") as f:
+        json.dump({"config": dict(expert="x", amateur="y", beta=beta, select="kl"), "totals": None}, f)
+    t = time.perf_counter()
+    assert common.write_page(os.path.join(out, "rollouts.html"), lambda: sample.rollouts_page(out))
+    wall = time.perf_counter() - t
+    mb = os.path.getsize(os.path.join(out, "rollouts.html")) / 1e6
+    n_kept = sum(1 for _ in open(os.path.join(out, "samples.jsonl")))
+    print(f"rollouts.html for {n_questions} questions x {T} tokens, {n_kept} kept positions "
+          f"({100 * n_kept / (n_questions * T):.0f}%): {mb:.1f} MB, built in {wall:.1f} s (samples.jsonl "
+          f"{os.path.getsize(os.path.join(out, 'samples.jsonl')) / 1e6:.0f} MB) -> {out}/rollouts.html")
+
+
+if args.page:
+    page_benchmark()
+    sys.exit(0)
 torch.set_num_threads(max(1, os.cpu_count() or 1))
 
 # ---- the tiny models of the tests
@@ -106,7 +157,7 @@ print(f"amateur side   ours: {n_ours:7d} tokens {t_ours * 1e3:8.1f} ms | per-pre
 # ---- the whole stage: ours (batched generation + two teacher-forced passes + contrast) vs the
 # reference's way (one question at a time: generate, then the per-prefix amateur passes)
 def whole_ours():
-    sample.sample_batch(expert, amateur, prompts, tok.pad_token_id, stop, vocab, T, 0.2, 0.4, sample.chunk)
+    sample.sample_batch(expert, amateur, prompts, tok.pad_token_id, stop, vocab, T, 0.2, sample.chunk)
 
 
 def whole_reference():
