@@ -99,11 +99,9 @@ def read_samples(path, label="contrast"):
             die(f"{path}:{n}: weights must be finite and ≥ 0 (a soft label v_C is a distribution)")
         if abs(sum(w) - 1) > 1e-3:
             die(f"{path}:{n}: weights sum to {sum(w):.6f}, not 1 (within 1e-3); v_C must be a distribution")
-        if label != "contrast" and p is None:
-            die(f"{path}:{n}: no \"p_expert\" (π_E over V), which --label {label} trains towards; "
-                "sample again with the current sample.py, or use --label contrast")
-        if label != "contrast" and not (is_probs(p, len(ids)) and sum(p) > 0):
-            die(f"{path}:{n}: \"p_expert\" must list a probability ≥ 0 (not all 0) for each of \"token_ids\"")
+        if label != "contrast" and not (is_probs(p, len(ids)) and sum(p) > 0):  # π_E(a) for a in V, from sample.py
+            die(f"{path}:{n}: --label {label} trains towards π_E: \"p_expert\" must list a probability ≥ 0 (not all 0) "
+                "for each of \"token_ids\" (sample.py writes it); or use --label contrast")
         records.append(dict(line=n, question=question, prefix=prefix if official else None, token_ids=ids,
                             prefix_ids=None if official else prefix, weights=[float(x) for x in w],
                             target=target([float(x) for x in w], p, label)))
@@ -111,10 +109,9 @@ def read_samples(path, label="contrast"):
 
 
 def target(v_C, p_expert, label):
-    """What the expert is tuned towards at a kept position, over the same plausible set V.
-    contrast: v_C = softmax over V of log π_E − log π_A (the paper); expert: π_E renormalised over V
-    (same positions, the amateur's contrast removed); greedy: one-hot on the expert's own most likely
-    token (plain self-distillation at the selected positions)."""
+    """What the expert is tuned towards at a kept position, over the same V. contrast: v_C (the paper);
+    expert: π_E renormalised over V (the amateur's contrast removed); greedy: one-hot on the expert's
+    own most likely token (plain self-distillation at the selected positions)."""
     if label == "contrast":
         return v_C
     if label == "expert":
@@ -233,18 +230,16 @@ def load_checkpoint(ckpt_dir):
     """(name, adapter weights, state) of the newest readable checkpoint, on the CPU: the one
     latest.json names, else (gone or damaged) the one before it, with a one-line notice. None when
     there is no checkpoint yet; a one-line stop when there are some but none can be read."""
-    if not os.path.isdir(ckpt_dir):
-        return None
-    for f in [f for f in os.listdir(ckpt_dir) if f.endswith(".tmp")]:  # a save or a latest.json a kill cut short
-        path = os.path.join(ckpt_dir, f)
+    for f in [f for f in os.listdir(ckpt_dir) if f.endswith(".tmp")] if os.path.isdir(ckpt_dir) else []:
+        path = os.path.join(ckpt_dir, f)  # a save, or a latest.json, that a kill cut short
         shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
     try:
         with open(os.path.join(ckpt_dir, "latest.json"), encoding="utf-8") as f:
             newest = json.load(f)["dir"]
     except (OSError, ValueError, KeyError, TypeError):  # none yet (killed during the first save), or damaged
         newest = None
-    names = sorted((d for d in os.listdir(ckpt_dir) if d.startswith("step-") and (newest is None or d <= newest)),
-                   reverse=True)
+    names = sorted((d for d in (os.listdir(ckpt_dir) if os.path.isdir(ckpt_dir) else [])
+                    if d.startswith("step-") and (newest is None or d <= newest)), reverse=True)
     problems = [f"{newest} (named by latest.json) is gone"] if newest and newest not in names else []
     for name in names:
         path = os.path.join(ckpt_dir, name)
@@ -301,12 +296,11 @@ def check_out_dir(run_config, paths):
     if master:
         make_dir(out_dir)
         lock_dir(out_dir, "train")
-    config_path = paths[0]
     if not resume and any(os.path.exists(p) for p in paths):
         die(f"{out_dir} already holds a training run (train_config.json, lora/ or checkpoints/); "
             "pass --resume to continue it, or a fresh --out-dir")
-    if resume and os.path.exists(config_path):
-        old = read_json(config_path, fix="delete it to resume with the flags of this command (they must be the "
+    if resume and os.path.exists(paths[0]):  # train_config.json
+        old = read_json(paths[0], fix="delete it to resume with the flags of this command (they must be the "
                                          "run's own), or pass a fresh --out-dir").get("config", {})
         diff = sorted(k for k in set(old) | set(run_config) if old.get(k) != run_config.get(k))
         if diff:
@@ -329,6 +323,25 @@ def lora_model(name, dev, torch_dtype, targets, records, samples_path):
     model = get_peft_model(model, LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                                              target_modules=targets, bias="none", task_type="CAUSAL_LM"))
     return model.train()
+
+
+def resume_from(ckpt_dir, model, optimizer, scheduler):
+    """Load the newest readable checkpoint into the model, optimiser and schedule; rank 0 reads it
+    and every process gets the same. Returns (step, position in the record stream, elapsed s)."""
+    found = [load_checkpoint(ckpt_dir) if master else None]
+    if WORLD_SIZE > 1:
+        dist.broadcast_object_list(found)
+    if not found[0]:
+        if master:
+            print(f"no checkpoint in {ckpt_dir}: starting from step 0")
+        return 0, 0, 0.0
+    name, weights, state = found[0]
+    set_peft_model_state_dict(model, weights)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if master:
+        print(f"resuming {os.path.dirname(ckpt_dir)} from step {state['step']}")
+    return state["step"], state["position"], state["elapsed_s"]
 
 
 # -----------------------------------------------------------------------------
@@ -395,7 +408,6 @@ if __name__ == "__main__":
             "use bfloat16, as the paper did, or float32")
     config_path, log_path = os.path.join(out_dir, "train_config.json"), os.path.join(out_dir, "train_log.jsonl")
     ckpt_dir, lora_dir = os.path.join(out_dir, "checkpoints"), os.path.join(out_dir, "lora")
-    page_path = os.path.join(out_dir, "train.html")
     run_config = {k: globals()[k] for k in ["expert", "samples", "label", "max_steps", "batch_size", "grad_accum",
                                             "lr", "lora_r", "lora_alpha", "lora_dropout", "target_modules", "seed"]}
     run_config.update(records=len(records), system_prompt=system_prompt, dtype=str(torch_dtype).removeprefix("torch."))
@@ -418,21 +430,8 @@ if __name__ == "__main__":
     inputs = [input_ids(tok, r, system_prompt, official) for r in records]
     targets_V = [(r["token_ids"], r["target"]) for r in records]  # v_C (or the --label ablation) over V
 
-    # ---- resume: adapter, optimiser, schedule and the position in the record stream, from the newest
-    # readable checkpoint; rank 0 reads it and every process gets the same
-    step, position, elapsed = 0, 0, 0.0
-    found = [load_checkpoint(ckpt_dir) if resume and master else None]
-    if WORLD_SIZE > 1:
-        dist.broadcast_object_list(found)
-    if found[0]:
-        name, weights, state = found[0]
-        set_peft_model_state_dict(model, weights)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        step, position, elapsed = state["step"], state["position"], state["elapsed_s"]
-        print(f"resuming {out_dir} from step {step}") if master else None
-    elif resume and master:
-        print(f"no checkpoint in {ckpt_dir}: starting from step 0")
+    # ---- resume: adapter, optimiser, schedule and the position in the record stream
+    step, position, elapsed = resume_from(ckpt_dir, model, optimizer, scheduler) if resume else (0, 0, 0.0)
     if master and os.path.exists(log_path):
         write_jsonl(log_path, [row for row in complete_lines(log_path) if row["step"] <= step])  # steps a kill undid
     loss_fn = PackedKL(model) if WORLD_SIZE == 1 else DistributedDataParallel(PackedKL(model))
@@ -476,7 +475,7 @@ if __name__ == "__main__":
             bar.set_postfix(loss=f"{row['loss']:.4f}", rec_s=f"{row['records_per_s']:.1f}")
             if step % save_every == 0 or step == max_steps:
                 save_checkpoint(ckpt_dir, step, model, optimizer, scheduler, position, row["elapsed_s"])
-                write_page(page_path, lambda: train_page(out_dir))
+                write_page(os.path.join(out_dir, "train.html"), lambda: train_page(out_dir))
     bar.close()
 
     # ---- the adapter (and the merged model), the totals and the page: rank 0 writes them
@@ -489,7 +488,7 @@ if __name__ == "__main__":
         totals = dict(steps=max_steps, records_seen=seen, tuned_tokens=seen, records=len(records),
                       final_loss=log[-1]["loss"] if log else None, wall_time_s=elapsed + wall)
         write_json(config_path, {"config": run_config, "totals": totals})
-        write_page(page_path, lambda: train_page(out_dir))
+        write_page(os.path.join(out_dir, "train.html"), lambda: train_page(out_dir))
         print(f"trained {max_steps} steps ({max_steps - start_step} this run): {seen} records seen = {seen} tuned tokens "
               f"(one position each), {processed} tokens processed this run; {wall:.0f}s this run -> {lora_dir}"
               + (f", {os.path.join(out_dir, 'merged')}" if merge else ""))

@@ -497,7 +497,7 @@ def test_label_targets_by_hand(tmp_path, capsys):
     assert [r["target"] for r in train.read_samples(str(path), "expert")[0]] == [pytest.approx([0.25, 0.75])]
     assert [r["target"] for r in train.read_samples(str(path), "greedy")[0]] == [[0.0, 1.0]]
     assert [r["target"] for r in train.read_samples(str(path))[0]] == [[0.75, 0.25]]
-    for line, message in [(GOOD, 'no "p_expert"'), (dict(GOOD, p_expert=[0.1]), "for each of"),
+    for line, message in [(GOOD, "sample.py writes it"), (dict(GOOD, p_expert=[0.1]), "for each of"),
                           (dict(GOOD, p_expert=[0.0, 0.0]), "not all 0"), (dict(GOOD, p_expert=[0.5, -1]), "≥ 0")]:
         path.write_text(json.dumps(dict(GOOD, p_expert=[0.1, 0.3])) + "\n" + json.dumps(line) + "\n")
         with pytest.raises(SystemExit):
