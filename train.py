@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 from common import (RANK, WORLD_SIZE, append_jsonl, barrier, chat_prompt_ids, chat_prompt_text, complete_lines, die,
                     esc, init_distributed, load_model, load_tokenizer, lock_dir, make_dir, master, page, parse_flags,
-                    pick_dtype, read_json, read_jsonl, sum_over_ranks, write_json, write_jsonl, write_page)
+                    pick_device, pick_dtype, read_json, read_jsonl, sum_over_ranks, write_json, write_jsonl, write_page)
 
 # -----------------------------------------------------------------------------
 # configuration: the defaults reproduce the paper (its reference script's Trainer settings)
@@ -325,22 +325,22 @@ def lora_model(name, dev, torch_dtype, targets, records, samples_path):
     return model.train()
 
 
-def resume_from(ckpt_dir, model, optimizer, scheduler):
-    """Load the newest readable checkpoint into the model, optimiser and schedule; rank 0 reads it
-    and every process gets the same. Returns (step, position in the record stream, elapsed s)."""
-    found = [load_checkpoint(ckpt_dir) if master else None]
+def resume_from(found, model, optimizer, scheduler):
+    """Load the checkpoint rank 0 found (load_checkpoint) into the model, optimiser and schedule of
+    every process. Returns (step, position in the record stream, elapsed seconds)."""
+    found = [found]
     if WORLD_SIZE > 1:
-        dist.broadcast_object_list(found)
+        dist.broadcast_object_list(found)  # from rank 0 to all
     if not found[0]:
         if master:
-            print(f"no checkpoint in {ckpt_dir}: starting from step 0")
+            print(f"no checkpoint in {out_dir}: starting from step 0")
         return 0, 0, 0.0
     name, weights, state = found[0]
     set_peft_model_state_dict(model, weights)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     if master:
-        print(f"resuming {os.path.dirname(ckpt_dir)} from step {state['step']}")
+        print(f"resuming {out_dir} from {name} (step {state['step']})")
     return state["step"], state["position"], state["elapsed_s"]
 
 
@@ -401,8 +401,7 @@ if __name__ == "__main__":
     samples, records, official, system_prompt, expert = read_run_samples()
 
     # ---- the output directory: one run at a time, continue a run, never overwrite another
-    dev = init_distributed(device)  # under torchrun: join the process group, take GPU LOCAL_RANK
-    torch_dtype = pick_dtype(dtype, dev)
+    torch_dtype = pick_dtype(dtype, pick_device(device))
     if torch_dtype == torch.float16:
         die("--dtype float16 is not supported for training (no loss scaling: small gradients underflow); "
             "use bfloat16, as the paper did, or float32")
@@ -412,6 +411,13 @@ if __name__ == "__main__":
                                             "lr", "lora_r", "lora_alpha", "lora_dropout", "target_modules", "seed"]}
     run_config.update(records=len(records), system_prompt=system_prompt, dtype=str(torch_dtype).removeprefix("torch."))
     check_out_dir(run_config, (config_path, log_path, ckpt_dir, lora_dir))
+    # rank 0 alone reads the checkpoint to resume from (and trims the log to it) before the processes
+    # join: a stop here, like one on the lock, ends the others quietly instead of in a broken collective
+    found = load_checkpoint(ckpt_dir) if resume and master else None
+    if master and os.path.exists(log_path):
+        step = found[2]["step"] if found else 0
+        write_jsonl(log_path, [row for row in complete_lines(log_path) if row["step"] <= step])  # steps a kill undid
+    dev = init_distributed(device)  # under torchrun: join the process group, take GPU LOCAL_RANK
 
     # ---- the expert with LoRA, and what it reads at each kept position and should match there
     tok = load_tokenizer(expert)
@@ -431,9 +437,7 @@ if __name__ == "__main__":
     targets_V = [(r["token_ids"], r["target"]) for r in records]  # v_C (or the --label ablation) over V
 
     # ---- resume: adapter, optimiser, schedule and the position in the record stream
-    step, position, elapsed = resume_from(ckpt_dir, model, optimizer, scheduler) if resume else (0, 0, 0.0)
-    if master and os.path.exists(log_path):
-        write_jsonl(log_path, [row for row in complete_lines(log_path) if row["step"] <= step])  # steps a kill undid
+    step, position, elapsed = resume_from(found, model, optimizer, scheduler) if resume else (0, 0, 0.0)
     loss_fn = PackedKL(model) if WORLD_SIZE == 1 else DistributedDataParallel(PackedKL(model))
 
     # ---- train: each step averages KL(target‖π_θ) over batch_size × grad_accum records; its
