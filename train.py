@@ -355,11 +355,11 @@ def train_page(out_dir):
     with open(os.path.join(out_dir, "train_config.json"), encoding="utf-8") as f:
         run = json.load(f)
     steps, loss = [r["step"] for r in log], [r["loss"] for r in log]
-    k = max(1, len(loss) // 25)  # the smoothed line: mean of the last k steps
+    k = max(5, len(loss) // 20)  # the smoothed line: mean of the last k steps
     smooth = [sum(loss[max(0, i + 1 - k):i + 1]) / min(k, i + 1) for i in range(len(loss))]
     totals = run.get("totals") or {"steps so far": steps[-1], "of": run["config"]["max_steps"]}
-    body = (f"<p>{len(log)} steps; last loss {loss[-1]:.4f}, smoothed over {k} step(s) {smooth[-1]:.4f}</p>"
-            + chart(f"loss: mean KL(target‖π_θ) of each step's records (grey), smoothed (red)", steps,
+    body = (f"<p>{len(log)} steps; last loss {loss[-1]:.4f}, mean of the last {k} steps {smooth[-1]:.4f}</p>"
+            + chart(f"loss: mean KL(target‖π_θ) of each step's records (grey), mean of the last {k} steps (red)", steps,
                     [("loss", loss, "#aaa"), ("smooth", smooth, "#c22")])
             + chart("learning rate", steps, [("lr", [r["lr"] for r in log], "#36c")])
             + chart("records/s", steps, [("rate", [r["records_per_s"] for r in log], "#393")])
