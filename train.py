@@ -230,16 +230,19 @@ def load_checkpoint(ckpt_dir):
     """(name, adapter weights, state) of the newest readable checkpoint, on the CPU: the one
     latest.json names, else (gone or damaged) the one before it, with a one-line notice. None when
     there is no checkpoint yet; a one-line stop when there are some but none can be read."""
-    for f in [f for f in os.listdir(ckpt_dir) if f.endswith(".tmp")] if os.path.isdir(ckpt_dir) else []:
-        path = os.path.join(ckpt_dir, f)  # a save, or a latest.json, that a kill cut short
-        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    if not os.path.isdir(ckpt_dir):
+        return None
+    for f in os.listdir(ckpt_dir):
+        if f.endswith(".tmp"):  # a save, or a latest.json, that a kill cut short
+            path = os.path.join(ckpt_dir, f)
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
     try:
         with open(os.path.join(ckpt_dir, "latest.json"), encoding="utf-8") as f:
-            newest = json.load(f)["dir"]
+            newest = str(json.load(f)["dir"])
     except (OSError, ValueError, KeyError, TypeError):  # none yet (killed during the first save), or damaged
         newest = None
-    names = sorted((d for d in (os.listdir(ckpt_dir) if os.path.isdir(ckpt_dir) else [])
-                    if d.startswith("step-") and (newest is None or d <= newest)), reverse=True)
+    names = sorted((d for d in os.listdir(ckpt_dir) if d.startswith("step-") and (newest is None or d <= newest)),
+                   reverse=True)
     problems = [f"{newest} (named by latest.json) is gone"] if newest and newest not in names else []
     for name in names:
         path = os.path.join(ckpt_dir, name)
