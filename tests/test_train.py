@@ -1,5 +1,9 @@
 """Stage 2 (train.py) on the tiny models: the packed loss is the per-record KL(v_C‖π_θ), training
-lowers it, the adapter and the merged model reload, resume is exact, bad inputs end in one line."""
+lowers it, the adapter and the merged model reload, resume is exact (also after damage, also under
+torchrun), the --label ablations train towards their targets, bad inputs end in one line, and
+train.html shows the log."""
+import fcntl
+import html.parser
 import json
 import math
 import os
@@ -12,25 +16,41 @@ import time
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
-from conftest import GSM8K_FIXTURE, ROOT, run_script
+from conftest import GSM8K_FIXTURE, ROOT, run_script, run_torchrun
 
 sys.path.insert(0, ROOT)
+import common  # noqa: E402
 import train  # noqa: E402
 from common import chat_prompt_ids, load_model, load_tokenizer  # noqa: E402
 
 STEPS = ["--max-steps", 30, "--lr", 1e-2, "--save-every", 10]  # a few dozen steps, fast enough to learn
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread here and in the scripts these tests start: on 2 cores shared with other
+    processes, two spinning OpenMP threads per process made the tiny runs up to 30x slower."""
+    threads, env = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+    torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
+    yield
+    torch.set_num_threads(threads)
+    os.environ.pop("OMP_NUM_THREADS") if env is None else os.environ.update(OMP_NUM_THREADS=env)
+
+
 def train_main(*args):
     """Run train.py in this process, as `python train.py ARGS` would; return its globals (the
-    in-memory model included)."""
+    in-memory model included). The out-dir lock, held for a process's life, is let go after each
+    run, as the end of a `python train.py` process would."""
     argv, sys.argv = sys.argv, ["train.py", *map(str, args)]
     try:
         return runpy.run_path(os.path.join(ROOT, "train.py"), run_name="__main__")
     finally:
         sys.argv = argv
+        while common._LOCKS:
+            common._LOCKS.pop().close()
 
 
 def dies(capsys, *args):
@@ -217,7 +237,8 @@ def test_resume_after_a_kill_during_a_save_gives_the_same_adapter(samples, train
     run = str(tmp_path / "run")
     shutil.copytree(out, run)
     # as a kill -9 while saving step 30 leaves it: the step-30 directory half written (and one
-    # renamed into place but not yet pointed at), latest.json at step 20, the log cut mid-line
+    # renamed into place but not yet pointed at), latest.json at step 20 (its replacement half
+    # written), the log cut mid-line
     shutil.rmtree(os.path.join(run, "lora"))
     shutil.rmtree(os.path.join(run, "merged"))
     ckpt = os.path.join(run, "checkpoints")
@@ -225,6 +246,8 @@ def test_resume_after_a_kill_during_a_save_gives_the_same_adapter(samples, train
     os.truncate(os.path.join(ckpt, "step-000030.tmp", "adapter_model.safetensors"), 100)
     with open(os.path.join(ckpt, "latest.json"), "w") as f:
         json.dump({"step": 20, "dir": "step-000020"}, f)
+    with open(os.path.join(ckpt, "latest.json.tmp"), "w") as f:  # a kill while latest.json was being replaced
+        f.write('{"step": 30, "di')
     with open(os.path.join(run, "train_log.jsonl"), "a") as f:
         f.write('{"step": 31, "lo')
     train_main("--samples", os.path.join(samples, "samples.jsonl"), "--out-dir", run, "--resume", *STEPS)
@@ -321,7 +344,7 @@ def test_bad_flags_and_out_of_vocabulary_ids(tiny_models, samples, tmp_path, cap
     assert "--max-steps" in dies(capsys, "--samples", s, "--out-dir", tmp_path / "a", "--max-steps", 0)
     err = dies(capsys, "--samples", s, "--out-dir", tmp_path / "b", "--target-modules", "q_proj,qkv_proj")
     assert "qkv_proj not in" in err and "k_proj" in err
-    assert not os.path.exists(tmp_path / "b")  # a failed start leaves nothing that blocks the corrected command
+    assert os.listdir(tmp_path / "b") == [".train.lock"]  # a failed start leaves nothing that blocks the corrected command
     bad = tmp_path / "bad" / "samples.jsonl"
     bad.parent.mkdir()
     bad.write_text(json.dumps(dict(GOOD, token_ids=[3, 416])) + "\n")
@@ -342,5 +365,271 @@ def test_a_finished_run_is_never_overwritten(samples, trained, capsys):
     out = trained[0]
     s = os.path.join(samples, "samples.jsonl")
     assert "already holds a training run" in dies(capsys, "--samples", s, "--out-dir", out, *STEPS)
-    err = dies(capsys, "--samples", s, "--out-dir", out, "--resume", *STEPS[:-2], "--save-every", 5, "--lr", 1)
+    err = dies(capsys, "--samples", s, "--out-dir", out, "--resume", *STEPS[:-2], "--save-every", 5, "--lr", 0.5)
     assert "another configuration (lr differ)" in err
+
+
+def test_bad_numbers_dtype_and_paths_end_in_one_line(samples, tmp_path, capsys):
+    s = os.path.join(samples, "samples.jsonl")
+    for value in ("nan", "inf"):
+        assert "invalid finite number value" in dies(capsys, "--samples", s, "--out-dir", tmp_path / "a", "--lr", value)
+    assert "--lr 2.0 must be in [0, 1]" in dies(capsys, "--samples", s, "--out-dir", tmp_path / "a", "--lr", 2)
+    assert "--label other" in dies(capsys, "--samples", s, "--out-dir", tmp_path / "a", "--label", "other")
+    err = dies(capsys, "--samples", s, "--out-dir", tmp_path / "a", "--dtype", "float16")
+    assert "--dtype float16 is not supported" in err and "bfloat16" in err
+    (tmp_path / "file").write_text("")
+    assert f"--out-dir {tmp_path / 'file'} is a file" in dies(capsys, "--samples", s, "--out-dir", tmp_path / "file")
+    assert not os.path.exists(tmp_path / "a")
+
+
+@pytest.mark.parametrize("kind, message", [("binary", "not UTF-8 text"), ("directory", "is a directory"),
+                                           ("surrogate", "lone surrogate")])
+def test_samples_that_are_not_text_lines_end_in_one_line(tmp_path, capsys, kind, message):
+    path = tmp_path / "samples.jsonl"
+    if kind == "binary":
+        path.write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff\xfe")
+    elif kind == "directory":
+        path.mkdir()
+    else:
+        path.write_text(json.dumps(GOOD) + "\n" + json.dumps(GOOD).replace('"q"', '"\\ud800"') + "\n")
+    err = dies(capsys, "--samples", path, "--out-dir", tmp_path / "o")
+    assert err.count("\n") == 0 and err.startswith("error: ") and message in err and str(path) in err
+
+
+def test_a_second_run_on_the_same_out_dir_is_refused(samples, tmp_path, capsys):
+    (tmp_path / "o").mkdir()
+    with open(tmp_path / "o" / ".train.lock", "a+") as f:  # another train.py holds the directory
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        f.write("4242")
+        f.flush()
+        err = dies(capsys, "--samples", os.path.join(samples, "samples.jsonl"), "--out-dir", tmp_path / "o")
+    assert "in use by another train run (pid 4242)" in err
+
+
+def test_grad_accum_that_does_not_divide_among_processes_is_refused(samples, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(common, "WORLD_SIZE", 2)  # as under torchrun --nproc_per_node 2
+    err = dies(capsys, "--samples", os.path.join(samples, "samples.jsonl"), "--out-dir", tmp_path, "--grad-accum", 3)
+    assert "--grad-accum 3 does not divide among 2 processes" in err
+
+
+def test_damaged_train_config_on_resume_ends_in_one_line(samples, tmp_path, capsys):
+    (tmp_path / "train_config.json").write_text('{"config": {"expert": "x", "sam')
+    err = dies(capsys, "--samples", os.path.join(samples, "samples.jsonl"), "--out-dir", tmp_path, "--resume")
+    assert err == f"error: {tmp_path / 'train_config.json'} is damaged (not valid JSON); delete it to resume with " \
+                  "the flags of this command (they must be the run's own), or pass a fresh --out-dir"
+
+
+def test_a_failed_first_step_leaves_no_run_behind(samples, tmp_path, capsys):
+    """A non-finite loss stops training with one line. At step 1 (here: a LoRA scaling that is inf
+    in float32, so 0·inf = nan) nothing of the run is written, and the corrected command just runs."""
+    s, out = os.path.join(samples, "samples.jsonl"), tmp_path / "run"
+    err = dies(capsys, "--samples", s, "--out-dir", out, "--max-steps", 2, "--lora-alpha", 10 ** 40)
+    assert err.splitlines()[-1].startswith("error: step 1: the loss is nan") and "Traceback" not in err
+    assert os.listdir(out) == [".train.lock"]
+    (out / "train.html").mkdir()  # and a page that cannot be written does not stop the run either
+    train_main("--samples", s, "--out-dir", out, "--max-steps", 2, "--batch-size", 2, "--grad-accum", 1)
+    assert "warning: could not write" in capsys.readouterr().err
+    assert len(read_log(out)) == 2 and os.path.exists(out / "lora" / "adapter_model.safetensors")
+
+
+def cut_back(out, run, step):
+    """A copy of the finished run `out` at `run`, as it stood when checkpoint `step` was the latest."""
+    shutil.copytree(out, run)
+    for d in ("lora", "merged"):
+        shutil.rmtree(os.path.join(run, d), ignore_errors=True)
+    ckpt = os.path.join(run, "checkpoints")
+    for d in os.listdir(ckpt):
+        if d.startswith("step-") and d > f"step-{step:06d}":
+            shutil.rmtree(os.path.join(ckpt, d))
+    with open(os.path.join(ckpt, "latest.json"), "w") as f:
+        json.dump({"step": step, "dir": f"step-{step:06d}"}, f)
+    return ckpt
+
+
+def test_a_non_finite_loss_after_a_resume_saves_nothing_new(samples, trained, tmp_path, capsys):
+    run = str(tmp_path / "run")
+    ckpt = cut_back(trained[0], run, 20)
+    adapter = os.path.join(ckpt, "step-000020", "adapter_model.safetensors")
+    save_file({k: torch.full_like(v, float("nan")) for k, v in load_file(adapter).items()}, adapter)  # a run gone bad
+    err = dies(capsys, "--samples", os.path.join(samples, "samples.jsonl"), "--out-dir", run, "--resume", *STEPS)
+    assert err.splitlines()[-1].startswith("error: step 21: the loss is nan") and "Traceback" not in err
+    assert len(read_log(run)) == 20 and sorted(os.listdir(ckpt)) == ["latest.json", "step-000020"]
+    assert json.load(open(os.path.join(ckpt, "latest.json")))["step"] == 20 and not os.path.exists(os.path.join(run, "lora"))
+
+
+def test_unreadable_latest_checkpoint_falls_back_to_the_one_before(samples, trained, tmp_path, capsys):
+    run = str(tmp_path / "run")
+    ckpt = cut_back(trained[0], run, 30)
+    os.truncate(os.path.join(ckpt, "step-000030", "state.pt"), 300)  # a disk that filled up, a bad copy
+    train_main("--samples", os.path.join(samples, "samples.jsonl"), "--out-dir", run, "--resume", *STEPS)
+    notices = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning")]
+    assert len(notices) == 1 and "step-000030 cannot be read" in notices[0] and "resuming from step-000020" in notices[0]
+    assert same_adapter(os.path.join(run, "lora"), os.path.join(trained[0], "lora"))
+    assert [row["loss"] for row in read_log(run)] == [row["loss"] for row in read_log(trained[0])]
+
+
+def test_latest_json_naming_a_gone_checkpoint_and_nothing_readable(trained, tmp_path, capsys):
+    ckpt = cut_back(trained[0], str(tmp_path / "run"), 30)
+    shutil.rmtree(os.path.join(ckpt, "step-000030"))
+    name, weights, state = train.load_checkpoint(ckpt)
+    assert name == "step-000020" and state["step"] == 20 and weights
+    assert "step-000030 (named by latest.json) is gone: resuming from step-000020" in capsys.readouterr().err
+    os.truncate(os.path.join(ckpt, "step-000020", "adapter_model.safetensors"), 10)
+    with pytest.raises(SystemExit) as e:
+        train.load_checkpoint(ckpt)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "no readable checkpoint" in err
+    assert "step-000020 cannot be read" in err and f"delete {ckpt} to --resume from step 0" in err
+
+
+# -----------------------------------------------------------------------------
+# --label: what the expert is tuned towards (the paper's v_C, or an ablation)
+
+
+def test_label_targets_by_hand(tmp_path, capsys):
+    v_C, p = [0.5, 0.3, 0.2], [0.2, 0.5, 0.1]
+    assert train.target(v_C, p, "contrast") == v_C
+    assert train.target(v_C, p, "expert") == pytest.approx([0.25, 0.625, 0.125])
+    assert train.target(v_C, p, "greedy") == [0.0, 1.0, 0.0]
+    assert train.target(v_C, [0.4, 0.1, 0.4], "greedy") == [1.0, 0.0, 0.0]  # a tie: the first in V
+    path = tmp_path / "samples.jsonl"
+    path.write_text(json.dumps(dict(GOOD, p_expert=[0.1, 0.3])) + "\n")
+    assert [r["target"] for r in train.read_samples(str(path), "expert")[0]] == [pytest.approx([0.25, 0.75])]
+    assert [r["target"] for r in train.read_samples(str(path), "greedy")[0]] == [[0.0, 1.0]]
+    assert [r["target"] for r in train.read_samples(str(path))[0]] == [[0.75, 0.25]]
+    for line, message in [(GOOD, "sample.py writes it"), (dict(GOOD, p_expert=[0.1]), "for each of"),
+                          (dict(GOOD, p_expert=[0.0, 0.0]), "not all 0"), (dict(GOOD, p_expert=[0.5, -1]), "≥ 0")]:
+        path.write_text(json.dumps(dict(GOOD, p_expert=[0.1, 0.3])) + "\n" + json.dumps(line) + "\n")
+        with pytest.raises(SystemExit):
+            train.read_samples(str(path), "greedy")
+        err = capsys.readouterr().err
+        assert f"{path}:2:" in err and message in err and err.count("\n") == 1
+
+
+def test_official_sample_files_refuse_labels_that_need_p_expert(tmp_path, capsys):
+    path = tmp_path / "cd_dist_samples.jsonl"
+    path.write_text(json.dumps(dict(prompt_id="q", prefix=" p", token_ids=[3, 4], weights=[0.75, 0.25])) + "\n")
+    for label in ("expert", "greedy"):
+        err = dies(capsys, "--samples", path, "--out-dir", tmp_path / "o", "--label", label)
+        assert "official LightReasoner sample file" in err and f"--label {label}" in err and "--label contrast" in err
+
+
+@pytest.fixture(scope="module")
+def samples_p(tiny_models, samples, tmp_path_factory):
+    """The samples with "p_expert" and "p_amateur" (π_E(a), π_A(a) for a in V), as sample.py writes
+    them; where this checkout's sample.py does not write them yet, they are computed here from the
+    tiny models, one forward pass per record."""
+    out = tmp_path_factory.mktemp("sampled_p")
+    shutil.copy(os.path.join(samples, "sample_config.json"), out)
+    tok, records, inputs = records_and_inputs(tiny_models, samples)
+    rows = [json.loads(line) for line in open(os.path.join(samples, "samples.jsonl"))]
+    if "p_expert" not in rows[0]:
+        for name in ("expert", "amateur"):
+            model = load_model(tiny_models[name], "cpu", torch.float32)
+            for row, x in zip(rows, inputs):
+                with torch.no_grad():
+                    p = model(torch.tensor([x])).logits[0, -1].float().softmax(-1)
+                row[f"p_{name}"] = p[row["token_ids"]].tolist()
+    with open(out / "samples.jsonl", "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+    return str(out)
+
+
+@pytest.mark.parametrize("label", ["expert", "greedy"])
+def test_label_ablations_train_towards_their_target(tiny_models, samples_p, tmp_path, label):
+    """With --lr 0 the logged loss is the untrained expert's KL to the step's targets: for expert,
+    Σ t(a) log(t(a)/π(a)) with t = π_E renormalised over V; for greedy, −log π(argmax π_E)."""
+    out = tmp_path / "run"
+    g = train_main("--samples", os.path.join(samples_p, "samples.jsonl"), "--out-dir", out, "--label", label,
+                   "--max-steps", 1, "--lr", 0)
+    assert json.load(open(out / "train_config.json"))["config"]["label"] == label
+    tok, records, inputs = records_and_inputs(tiny_models, samples_p)
+    rows = [json.loads(line) for line in open(os.path.join(samples_p, "samples.jsonl"))]
+    expert = load_model(tiny_models["expert"], "cpu", torch.float32)
+    by_hand = []
+    for i in [g["epoch_order"](len(records), 1337, 0)[p] for p in range(16)]:
+        with torch.no_grad():
+            logits = expert(torch.tensor([inputs[i]])).logits[0, -1].double()
+        log_pi = (logits - torch.logsumexp(logits, 0)).tolist()
+        ids, p = rows[i]["token_ids"], rows[i]["p_expert"]
+        if label == "expert":
+            by_hand.append(sum(pa / sum(p) * (math.log(pa / sum(p)) - log_pi[a]) for a, pa in zip(ids, p) if pa > 0))
+        else:
+            by_hand.append(-log_pi[ids[p.index(max(p))]])
+    assert read_log(out)[0]["loss"] == pytest.approx(sum(by_hand) / 16, rel=1e-5)
+
+
+# -----------------------------------------------------------------------------
+# several processes: torchrun, DistributedDataParallel, the same numbers as one process
+
+
+def adapter_close(a, b):
+    wa, wb = load_file(os.path.join(a, "adapter_model.safetensors")), load_file(os.path.join(b, "adapter_model.safetensors"))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-5, msg=k)
+
+
+def test_torchrun_resumes_a_run_and_matches_one_process(samples, trained, tmp_path):
+    """The single-process run, cut back to its step-20 checkpoint, resumed under torchrun with 2
+    processes (Gloo), each taking one micro-batch of every step: each step's logged (global) loss
+    and the final adapter equal the single-process run's, LoRA dropout included (its masks are
+    fixed per micro-batch). Rank 0 alone reads the checkpoint and writes the files. One launch
+    covers resume and the two-process step, each launch costing seconds of start-up."""
+    out, s = trained[0], os.path.join(samples, "samples.jsonl")
+    run = str(tmp_path / "ddp")
+    ckpt = cut_back(out, run, 20)
+    os.remove(os.path.join(run, "train.html"))
+    proc = run_torchrun("train.py", "--samples", s, "--out-dir", run, "--resume", *STEPS)
+    assert proc.stdout.count("resuming") == proc.stdout.count("trained 30 steps (10 this run)") == 1
+    assert "2 processes" in proc.stdout
+    one, two = read_log(out), read_log(run)
+    assert [row["step"] for row in two] == list(range(1, 31)) and all(row["records"] == 16 for row in two)
+    for a, b in zip(one[20:], two[20:]):
+        assert b["loss"] == pytest.approx(a["loss"], abs=1e-5) and b["tokens"] == a["tokens"]
+    adapter_close(os.path.join(run, "lora"), os.path.join(out, "lora"))
+    adapter_close(os.path.join(ckpt, "step-000030"), os.path.join(out, "checkpoints", "step-000030"))
+    assert sorted(os.listdir(ckpt)) == ["latest.json", "step-000020", "step-000030"]
+    assert os.path.exists(os.path.join(run, "train.html"))
+
+
+# -----------------------------------------------------------------------------
+# out/train.html
+
+
+class Page(html.parser.HTMLParser):
+    """The polylines of a page by class, its tags and its text."""
+    def __init__(self, text):
+        super().__init__()
+        self.lines, self.tags, self.text = {}, [], []
+        self.feed(text)
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+        if tag == "polyline":
+            a = dict(attrs)
+            self.lines[a["class"]] = [tuple(map(float, p.split(","))) for p in a["points"].split()]
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+def test_train_page_shows_the_log_and_the_configuration(trained, tmp_path):
+    out = trained[0]
+    log, config = read_log(out), json.load(open(os.path.join(out, "train_config.json")))
+    page = Page(open(os.path.join(out, "train.html"), encoding="utf-8").read())
+    assert set(page.lines) == {"loss", "smooth", "lr", "rate"}
+    assert all(len(points) == len(log) == 30 for points in page.lines.values())
+    xs = [x for x, _ in page.lines["loss"]]
+    assert xs == sorted(xs) and len(set(xs)) == 30
+    ys = [y for _, y in page.lines["loss"]]  # SVG y grows downwards: the highest loss is at the top
+    assert ys.index(min(ys)) == max(range(30), key=lambda i: log[i]["loss"])
+    text = "".join(page.text)
+    assert config["config"]["samples"] in text and str(config["totals"]["records_seen"]) in text
+    # values from the files are escaped: a system prompt made of HTML stays text
+    (tmp_path / "train_log.jsonl").write_text("".join(json.dumps(row) + "\n" for row in log[:3]))
+    evil = '<script>alert(1)</script><img src=x onerror="alert(2)">'
+    (tmp_path / "train_config.json").write_text(json.dumps(dict(config, config=dict(config["config"], system_prompt=evil))))
+    page = Page(train.train_page(str(tmp_path)))
+    assert "script" not in page.tags and "img" not in page.tags and evil in "".join(page.text)
+    assert len(page.lines["loss"]) == 3
