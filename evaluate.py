@@ -10,13 +10,10 @@ Python code run in between), so our numbers compare with the paper's.
     python evaluate.py --bench math --completions vllm_out.jsonl   # grade saved outputs, no model
     torchrun --standalone --nproc_per_node 8 evaluate.py --bench all   # one process per GPU
 
-Benchmarks are read from data/<bench>/test.jsonl (the toolkit's files, downloaded once from the
-Qwen2.5-Math repository). Writes out/eval/<tag>/<bench>.jsonl (one graded row per problem),
-out/eval/<tag>/summary.json, out/eval/<tag>/run.json (what made the rows) and out/eval/report.html.
-Kill it at any moment and run it again: graded problems are kept.
-
-Like the toolkit, this runs Python that the model writes (in a separate process, 5 s and 4 GiB at
-most); --no-code-exec turns that off.
+Benchmarks: data/<bench>/test.jsonl (the toolkit's files, downloaded once). Writes out/eval/<tag>/
+<bench>.jsonl (a graded row per problem), summary.json and run.json (what made the rows), and
+out/eval/report.html. Kill it at any moment and run it again: graded problems are kept. Like the
+toolkit it runs the model's Python (in another process, 5 s and 4 GiB at most): --no-code-exec.
 """
 import builtins
 import contextlib
@@ -32,16 +29,16 @@ import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import sympy
 import torch
 from sympy.parsing.sympy_parser import parse_expr
 from tqdm import tqdm
 
-from common import (append_jsonl, barrier, complete_lines, die, download, esc, greedy_config, init_distributed, load_model,
-                    load_tokenizer, lock_dir, make_dir, master, page, parse_flags, pick_dtype, read_bytes, read_json,
-                    read_jsonl, stop_token_ids, sum_over_ranks, write_json, write_jsonl, write_page, RANK, WORLD_SIZE)
+from common import (append_jsonl, barrier, check_record, complete_lines, die, download, esc, greedy_config, init_distributed,
+                    load_model, load_tokenizer, lock_dir, make_dir, master, merge_parts, page, parse_flags, pick_dtype,
+                    read_bytes, read_json, read_jsonl, stop_token_ids, sum_over_ranks, write_json, write_page, RANK,
+                    WORLD_SIZE)
 
 # -----------------------------------------------------------------------------
 # configuration: the defaults reproduce the paper's evaluation
@@ -953,7 +950,8 @@ try:
     pickle.dumps(result)
 except BaseException as e:
     out.close()  # what a flood of output took, given back
-    text, report = "", "timeout_decorator.timeout_decorator.TimeoutError: 'Timed Out'" if isinstance(e, Alarm) else traceback.format_exc().split("\n")[-2]
+    text, report = "", traceback.format_exc().split("\n")[-2]
+    report = "timeout_decorator.timeout_decorator.TimeoutError: 'Timed Out'" if isinstance(e, Alarm) else report
 signal.setitimer(signal.ITIMER_REAL, 0)
 cut = lambda s: s[:200] + "..." + s[-200:] if len(s) > 400 else s
 os.write(1, ("\n" + json.dumps(cut(text.strip()) or cut(report.strip())) + "\n").encode())
@@ -1041,10 +1039,9 @@ def solve(net, tok, stop_ids, questions):
             if not no_code_exec and "boxed" not in out and out.rstrip().endswith("```"):
                 runs.append(i)
         todo = runs
-        with ThreadPoolExecutor(4) as pool:  # the toolkit runs them one by one
-            results = list(pool.map(run_program, [extract_program(prompts[i] + texts[i]) for i in todo]))
-        for i, result in zip(todo, results):
-            texts[i] += f"\n```output\n{result}\n```\n" + ("\nReach max function call limit." if r == MAX_ROUNDS - 1 else "")
+        for i in todo:  # one by one, as the toolkit
+            texts[i] += f"\n```output\n{run_program(extract_program(prompts[i] + texts[i]))}\n```\n"
+            texts[i] += "\nReach max function call limit." if r == MAX_ROUNDS - 1 else ""
             rounds[i] += 1
     return texts, rounds, n_tokens
 
@@ -1063,7 +1060,7 @@ def run_jobs(name, jobs, rows_path, grader, desc, make=None):
     the batches are dealt out (batch k to rank k mod N); each rank appends its rows to its own part
     file, rank 0 merges them. -> (rows of these jobs on rank 0, new tokens)"""
     if master:
-        merge_parts(rows_path, jobs)  # what a killed run left, with any number of processes
+        merge_parts(rows_path, key_of, [j["key"] for j in jobs])  # what a killed run left (any number of processes)
     barrier()
     done = {key_of(r) for r in complete_lines(rows_path)}
     order = sorted(jobs, key=lambda j: -j.get("len", 0))  # similar prompt lengths share a batch: little padding
@@ -1084,32 +1081,8 @@ def run_jobs(name, jobs, rows_path, grader, desc, make=None):
         bar.set_postfix(acc=f"{100 * correct / max(graded, 1):.1f}%", tok_s=f"{n_tokens / (time.time() - t0):.0f}")
     bar.close()
     barrier()
-    return (merge_parts(rows_path, jobs) if master else None), n_tokens
-
-
-def merge_parts(rows_path, jobs):
-    """rows_path rewritten whole (atomically) with the part files' rows folded in, in job order (rows
-    of other problems, from a longer run, after them); then the parts are removed."""
-    parts = sorted(glob.glob(glob.escape(rows_path) + ".rank*"))
-    rows = {key_of(r): r for path in [rows_path] + parts for r in complete_lines(path)}
-    position = {j["key"]: k for k, j in enumerate(jobs)}
-    write_jsonl(rows_path, sorted(rows.values(), key=lambda r: position.get(key_of(r), len(position))))
-    for path in parts:
-        os.remove(path)
-    return [rows[j["key"]] for j in jobs if j["key"] in rows]
-
-
-def check_run(tag_dir, record):
-    """Rows are resumed only from a run that made them the same way, as run.json beside them says."""
-    path = os.path.join(tag_dir, "run.json")
-    old = read_json(path, fix=f"delete {tag_dir} to start it over") if os.path.exists(path) else None
-    if old is not None and old != record:
-        die(f"{tag_dir} holds rows made with another {', '.join(k for k in record if old.get(k) != record[k])} "
-            f"(see its run.json); pass another --out-dir, or delete {tag_dir} to start it over")
-    if old is None and glob.glob(os.path.join(glob.escape(tag_dir), "*.jsonl*")):
-        die(f"{tag_dir} holds rows but no run.json saying what made them; delete it or pass another --out-dir")
-    if old is None and master:
-        write_json(path, record)
+    rows = merge_parts(rows_path, key_of, [j["key"] for j in jobs]) if master else {}
+    return [rows[j["key"]] for j in jobs if j["key"] in rows], n_tokens
 
 
 def save_summary(tag_dir, name, rows):
@@ -1135,7 +1108,8 @@ def print_table(results):
     width = max(12, *(len(t) + 2 for t in tags))
     print("benchmark".ljust(14) + "n".rjust(6) + "".join(t.rjust(width) for t in tags) + "delta".rjust(8) * (len(tags) == 2))
     for b, n, acc in lines:
-        print(b.ljust(14) + n.rjust(6) + "".join(f"{a:.1f}".rjust(width) for a in acc) + f"{acc[-1] - acc[0]:+.1f}".rjust(8) * (len(tags) == 2))
+        print(b.ljust(14) + n.rjust(6) + "".join(f"{a:.1f}".rjust(width) for a in acc)
+              + f"{acc[-1] - acc[0]:+.1f}".rjust(8) * (len(tags) == 2))
 
 
 # -----------------------------------------------------------------------------
@@ -1196,7 +1170,8 @@ if __name__ == "__main__":
         tag_dir = make_dir(os.path.join(out_dir, "eval", tag))
         if master:
             lock_dir(tag_dir, "evaluate")
-        check_run(tag_dir, record)
+        check_record(os.path.join(tag_dir, "run.json"), record, glob.glob(os.path.join(glob.escape(tag_dir), "*.jsonl*")),
+                     fix=f"pass another --out-dir, or delete {tag_dir} to start it over")
 
     # ---- generate (or take) the completions, grade them, write rows and totals
     if not completions:
@@ -1210,7 +1185,8 @@ if __name__ == "__main__":
             try:
                 net = PeftModel.from_pretrained(net, adapter_path).merge_and_unload().eval()
             except Exception as e:  # a mismatched adapter fails in many ways (sizes, module names, files)
-                die(f"cannot apply the adapter {adapter_path} to {base}: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}")
+                die(f"cannot apply the adapter {adapter_path} to {base}: "
+                    f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}")
         results[tag] = {}
         for name in names:
             if not completions:  # a problem's key is its idx; its prompt's length picks its batch
@@ -1226,9 +1202,10 @@ if __name__ == "__main__":
     eval_dir, wall = os.path.join(out_dir, "eval"), time.time() - t_start
     if master:
         print_table(results)
-        print(f"{len(runs)} model(s) x {len(names)} benchmark(s) in {wall:.0f}s: {n_tokens} tokens generated "
-              f"({n_tokens / wall:.1f} tokens/s), {timeouts} answer(s) whose grading ran out of time (counted wrong); "
-              f"rows, summary.json and report.html in {eval_dir}")
+        print(f"{len(runs)} model(s) x {len(names)} benchmark(s) in {wall:.0f}s"
+              + ("" if completions else f", {n_tokens} tokens generated ({n_tokens / wall:.1f} tokens/s)")
+              + f"; {timeouts} answer(s) whose grading ran out of time (counted wrong); rows, summary.json and "
+              f"report.html in {eval_dir}")
 
 
 # -----------------------------------------------------------------------------
