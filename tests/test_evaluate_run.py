@@ -102,6 +102,27 @@ def test_two_processes_under_torchrun_give_the_same_rows_and_summary(runs):
     assert "expert+lora" in runs.two.stdout and not [f for f in os.listdir(runs.root / "two" / "eval" / "expert") if ".rank" in f]
 
 
+def test_saved_completions_are_dealt_out_in_batches_and_merged_in_file_order(tmp_path, monkeypatch):
+    """--completions under torchrun, one rank after the other: batch k goes to rank k mod 2, each writes
+    its part file, rank 0 merges; the rows are a single process's."""
+    jobs = [dict(idx=n % 3, line=n, key=n, question="q", gt=str(n % 2), completion=f"\\boxed{{{n % 2 + n // 6}}}")
+            for n in range(1, 8)]
+    grader = E.Grader(5.0)
+    monkeypatch.setattr(E, "batch_size", 2)
+    single = E.run_jobs("gsm8k", jobs, str(tmp_path / "one.jsonl"), grader, "one")[0]
+    assert [r["line"] for r in single] == list(range(1, 8)) and [r["correct"] for r in single] == [True] * 5 + [False] * 2
+    monkeypatch.setattr(E, "WORLD_SIZE", 2)
+    for rank in (1, 0):
+        monkeypatch.setattr(E, "RANK", rank)
+        monkeypatch.setattr(E, "master", rank == 0)
+        E.run_jobs("gsm8k", jobs, str(tmp_path / "two.jsonl"), grader, "two")
+        if rank == 1:  # batches 1 and 3: lines 3, 4 and 7
+            assert [r["line"] for r in rows_of(tmp_path / "two.jsonl.rank1")] == [3, 4, 7]
+    grader.close()
+    assert open(tmp_path / "two.jsonl").read() == open(tmp_path / "one.jsonl").read()
+    assert not os.path.exists(tmp_path / "two.jsonl.rank1") and not os.path.exists(tmp_path / "two.jsonl.rank0")
+
+
 def test_tuned_model_is_evaluated_merged_like_a_saved_merged_model(runs, capsys, monkeypatch):
     out = runs.root / "merged_out"
     code, err = run_inprocess(["--model", runs.root / "merged", "--adapter", "none", *runs.args[2:], "--out-dir", out],
