@@ -447,3 +447,36 @@ def write_page(path, make):
         print(f"warning: could not write {path} ({type(e).__name__}: {e}); the JSON files are complete",
               file=sys.stderr)
         return False
+
+
+# -----------------------------------------------------------------------------
+# resuming safely (added for evaluate.py; sample.py and train.py do the same by hand): a record of
+# what made a directory's files, and the part files of several processes merged into one
+
+
+def check_record(path, record, outputs, fix):
+    """Files are resumed only if they were made the same way: `path` (JSON) records how. Another
+    record, or outputs (paths) without one, stop the run with one line naming what differs."""
+    old = read_json(path, fix=fix) if os.path.exists(path) else None
+    if old is not None and old != record:
+        die(f"{os.path.dirname(path)} holds files made with another "
+            f"{', '.join(k for k in record if old.get(k) != record[k]) or 'configuration'} (see {path}); {fix}")
+    if old is None and outputs:
+        die(f"{os.path.dirname(path)} holds {os.path.basename(outputs[0])} but no {os.path.basename(path)} saying "
+            f"what made it; {fix}")
+    if old is None and master:
+        write_json(path, record)
+
+
+def merge_parts(path, key, order):
+    """Under torchrun each process appends its rows to its own part file <path>.rank<k>. Fold them all
+    into `path`, rewritten whole (atomically) in `order` of key(row) (rows of other keys after them),
+    then remove the parts; safe to repeat after a kill. -> {key: row}"""
+    parts = sorted(p for p in os.listdir(os.path.dirname(path) or ".") if p.startswith(os.path.basename(path) + ".rank"))
+    parts = [os.path.join(os.path.dirname(path), p) for p in parts]
+    rows = {key(r): r for p in [path] + parts for r in complete_lines(p)}
+    position = {k: n for n, k in enumerate(order)}
+    write_jsonl(path, sorted(rows.values(), key=lambda r: position.get(key(r), len(position))))
+    for p in parts:
+        os.remove(p)
+    return rows

@@ -1,44 +1,58 @@
 """
 Stage 3 of LightReasoner (Wang et al., arXiv 2510.07962): zero-shot pass@1 on the paper's math
-benchmarks, graded like the official Qwen2.5-Math evaluation toolkit (prompt `qwen25-math-cot`,
-greedy decoding, up to 2048 new tokens), so our numbers compare with the paper's.
+benchmarks, generated and graded like the official Qwen2.5-Math evaluation toolkit (prompt
+`qwen25-math-cot`, greedy decoding, up to 2048 new tokens per call, up to 4 calls with the model's
+Python code run in between), so our numbers compare with the paper's.
 
     python evaluate.py --bench math                   # base model and base+out/lora, side by side
     python evaluate.py --bench gsm8k,svamp --limit 100
     python evaluate.py --bench all --adapter none --model out/merged
     python evaluate.py --bench math --completions vllm_out.jsonl   # grade saved outputs, no model
+    torchrun --standalone --nproc_per_node 8 evaluate.py --bench all   # one process per GPU
 
-Benchmarks are read from data/<bench>/test.jsonl (the toolkit's files, downloaded once from the
-Qwen2.5-Math repository). Writes out/eval/<tag>/<bench>.jsonl (one graded row per problem) and
-out/eval/<tag>/summary.json. Kill it at any moment and run it again: graded problems are kept.
+Benchmarks: data/<bench>/test.jsonl (the toolkit's files, downloaded once). Writes out/eval/<tag>/
+<bench>.jsonl (a graded row per problem), summary.json and run.json (what made the rows), and
+out/eval/report.html. Kill it at any moment and run it again: graded problems are kept. Like the
+toolkit it runs the model's Python (in another process, 5 s and 4 GiB at most): --no-code-exec.
 """
+import contextlib
+import glob
+import hashlib
+import json
 import math
 import multiprocessing
 import os
 import re
+import signal
+import subprocess
+import sys
+import tempfile
 import time
 
 import sympy
 import torch
 from tqdm import tqdm
 
-from common import (append_jsonl, complete_lines, die, download, greedy_config, load_model, load_tokenizer, parse_flags,
-                    pick_device, pick_dtype, read_json, read_jsonl, stop_token_ids, write_json, write_jsonl)
+from common import (append_jsonl, barrier, check_record, complete_lines, die, download, esc, greedy_config, init_distributed,
+                    load_model, load_tokenizer, lock_dir, make_dir, master, merge_parts, page, parse_flags, pick_dtype,
+                    read_bytes, read_json, read_jsonl, stop_token_ids, sum_over_ranks, write_json, write_page, RANK,
+                    WORLD_SIZE)
 
 # -----------------------------------------------------------------------------
 # configuration: the defaults reproduce the paper's evaluation
 bench = "math"  # one of BENCHMARKS, a comma list, or "all"
 model = ""  # base model; "" = the expert of out/sample_config.json, else Qwen/Qwen2.5-Math-1.5B
-adapter = ""  # LoRA adapter dir; "" = out/lora when it exists (then base AND base+adapter), "none"
+adapter = ""  # LoRA adapter dir; "" = out/lora when it exists (then base AND base+adapter, merged), "none"
 completions = ""  # grade this JSONL of {"idx", "completion"} instead of generating (no model)
 limit = ""  # evaluate only the first N problems of each benchmark ("" = all)
-max_new_tokens = 2048  # generation budget per problem (toolkit: 2048)
-batch_size = 16  # prompts generated together (with --engine continuous: handed over together)
+max_new_tokens = 2048  # new tokens per call of the model (toolkit: 2048 per call, up to 4 calls)
+batch_size = 0  # prompts generated together (per process); 0 = 64 on a GPU, 16 on the CPU
 engine = "generate"  # "generate" (left-padded batches) or "continuous" (transformers' generate_batch)
+no_code_exec = False  # do not run the model's Python blocks (toolkit: runs them, up to 4 rounds)
 grade_timeout = 3.0  # seconds one answer comparison may take before it counts as wrong (toolkit: 3)
 data_dir = "data"  # benchmark files: <data_dir>/<bench>/test.jsonl
 out_dir = "out"
-device = "auto"  # cuda if available, else cpu
+device = "auto"  # cuda if available, else cpu (under torchrun: GPU LOCAL_RANK)
 dtype = "auto"  # bfloat16 on cuda, float32 on cpu
 config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, str))]
 
@@ -48,6 +62,9 @@ DATA_URL = "https://raw.githubusercontent.com/QwenLM/Qwen2.5-Math/main/evaluatio
 PROMPT = ("<|im_start|>system\nPlease reason step by step, and put your final answer within "
           "\\boxed{{}}.<|im_end|>\n<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n")
 STOP_WORDS = ["</s>", "<|im_end|>", "<|endoftext|>"]  # where the toolkit cuts a completion
+MAX_ROUNDS = 4  # the toolkit's max_func_call for this prompt: calls of the model, code run in between
+CODE_TIMEOUT = 5  # seconds a program may run (the toolkit's PythonExecutor: 5)
+CODE_MEMORY = 4 << 30  # bytes of address space a program may take (the toolkit sets no limit)
 
 # -----------------------------------------------------------------------------
 # questions and ground truths, per benchmark, as the toolkit reads them (parser.py)
@@ -630,104 +647,253 @@ class Grader:
 
 
 # -----------------------------------------------------------------------------
-# the stage
+# the stage: benchmarks
 
 
 def load_benchmark(name, data_dir):
-    """Problems [{idx, question, gt}] of one benchmark, its file downloaded once if missing."""
+    """(path, problems [{idx, question, gt}]) of one benchmark, its file downloaded once (by rank 0)."""
     path = os.path.join(data_dir, name, "test.jsonl")
-    if not os.path.exists(path):
+    if master and not os.path.exists(path):
         download(DATA_URL.format(name), path)
-    problems = []
+    barrier()
+    problems = {}
     for n, record in read_jsonl(path, f"{name} benchmark file", with_lines=True):
+        idx = check_idx(record.get("idx", n - 1), f"{path}:{n}")
+        if idx in problems:
+            die(f"{path}:{n}: idx {idx!r} appears twice; every problem needs its own idx")
         try:
-            problems.append(dict(idx=record.get("idx", n - 1), question=parse_question(record, name),
-                                 gt=parse_gt(record, name)))
+            problems[idx] = dict(idx=idx, question=parse_question(record, name), gt=parse_gt(record, name))
         except (KeyError, IndexError, TypeError, AttributeError) as e:
             die(f"{path}:{n}: not a {name} record in the toolkit's format ({type(e).__name__}: {e}); "
                 f"get the file from {DATA_URL.format(name)}")
     if not problems:
         die(f"{path} holds no problems; get the file from {DATA_URL.format(name)}")
-    return path, problems
+    return path, list(problems.values())
+
+
+def check_idx(idx, where):
+    """A whole number or a string: true and 0.0 would otherwise pass for problems 1 and 0."""
+    if isinstance(idx, bool) or not isinstance(idx, (int, str)):
+        die(f"{where}: idx {json.dumps(idx)} is not a whole number (or a string); fix that line")
+    return idx
+
+
+# -----------------------------------------------------------------------------
+# the model's code, run as the toolkit runs it (its trajectory.py and python_executor.py, re-written)
+
+
+def extract_program(text):
+    """The program the toolkit runs: the prompt and completion so far, read line by line into text,
+    ```python programs``` and ```output```s. Programs whose output looks like a success run again
+    (their print lines dropped, but the last program's), a failed one keeps only its import lines."""
+    parts, role, buf, lines = [], "text", "", text.split("\n")
+    for n, line in enumerate(lines):
+        starts, ends, output = line == "```python", line == "```" and role != "text", line.startswith("```output")
+        if (starts and role != "text") or (ends and role == "program" and not buf) or (output and role == "output" and buf):
+            return "raise ValueError('Invalid trajectory')"
+        if starts or ends:
+            parts += [(role, buf)] if buf or ends else []
+            role, buf = "program" if starts else "output" if role == "program" else "text", ""
+        elif not (output and role == "output"):
+            buf += line + ("\n" if n < len(lines) - 1 else "")
+    parts += [(role, buf)] if buf else []
+    programs, imports = [], []
+    for k, (role, content) in enumerate(parts):
+        after = parts[k + 1][1].lower() if k + 1 < len(parts) else ""
+        if role == "program" and any(w in after for w in ("error", "exception", "no algorithms", "cannot", "nan", "...")):
+            imports += [line for line in content.split("\n") if line.startswith(("import", "from"))]
+        elif role == "program":
+            programs.append(content)
+    programs = programs or [""]
+    programs[0] = "\n".join(imports) + "\n" + programs[0] if imports else programs[0]
+    drop_prints = lambda p: "\n".join(line for line in p.split("\n") if not line.strip().startswith("print("))  # noqa: E731
+    return "\n".join([drop_prints(p) for p in programs[:-1]] + programs[-1:])
+
+
+# The child process: the toolkit's executor, quirks included. With "print(" in the last line the whole
+# program runs and its stdout is the result, else the last line's value is; globals start empty;
+# "input(" is refused; an error reports the last line of its traceback; result and report are
+# stripped and cut to 200 + "..." + 200 characters; the result counts, else the report.
+CHILD = r"""
+import contextlib, io, json, os, pickle, resource, signal, sys, traceback
+for limit, size in ((resource.RLIMIT_AS, int(sys.argv[2])), (resource.RLIMIT_FSIZE, 16 << 20), (resource.RLIMIT_CORE, 0)):
+    resource.setrlimit(limit, (size, size))
+class Alarm(AssertionError): pass  # as the toolkit's timeout_decorator error
+def ring(*_): raise Alarm()
+code, out = sys.stdin.read().strip().split("\n"), io.StringIO()
+body = code if "print(" in code[-1] else code[:-1]
+signal.signal(signal.SIGALRM, ring)
+signal.setitimer(signal.ITIMER_REAL, float(sys.argv[1]))
+try:
+    if "input(" in "\n".join(body):
+        raise RuntimeError()
+    with contextlib.redirect_stdout(out if body is code else open(os.devnull, "w")):
+        exec("\n".join(body), g := {})
+        result = out.getvalue() if body is code else eval(code[-1], g)
+    text, report = str(result), "Done"
+    pickle.dumps(result)
+except BaseException as e:
+    out.close()  # what a flood of output took, given back
+    text, report = "", traceback.format_exc().split("\n")[-2]
+    report = "timeout_decorator.timeout_decorator.TimeoutError: 'Timed Out'" if isinstance(e, Alarm) else report
+signal.setitimer(signal.ITIMER_REAL, 0)
+cut = lambda s: s[:200] + "..." + s[-200:] if len(s) > 400 else s
+os.write(1, ("\n" + json.dumps(cut(text.strip()) or cut(report.strip())) + "\n").encode())
+"""
+
+
+def run_program(program):
+    """The text the toolkit appends after running `program` (see CHILD). It runs in a new Python process
+    in an empty temporary directory, never in ours: CODE_TIMEOUT seconds, CODE_MEMORY bytes, 16 MiB of
+    output. A program stuck in C code past its alarm is killed ("Timeout Error", as the toolkit's
+    process pool says); one that crashes gets a line saying so."""
+    with tempfile.TemporaryDirectory() as tmp, open(os.path.join(tmp, ".result"), "w+b") as out:
+        proc = subprocess.Popen([sys.executable, "-c", CHILD, str(CODE_TIMEOUT), str(CODE_MEMORY)], cwd=tmp,
+                                stdin=subprocess.PIPE, stdout=out, stderr=subprocess.DEVNULL, start_new_session=True,
+                                env=dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1"))
+        try:
+            proc.communicate(program.encode("utf-8", "replace"), timeout=CODE_TIMEOUT + 1)
+        except subprocess.TimeoutExpired:
+            return "Timeout Error"
+        finally:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)  # the program's own children too
+            proc.wait()
+        out.seek(max(0, out.seek(0, 2) - 8192))
+        last = out.read().decode("utf-8", "replace").rstrip("\n").rsplit("\n", 1)[-1]
+    with contextlib.suppress(ValueError):
+        if proc.returncode == 0 and isinstance(json.loads(last), str):
+            return json.loads(last)
+    return f"RuntimeError: the program ended without a result (exit code {proc.returncode})"
+
+
+# -----------------------------------------------------------------------------
+# generation
 
 
 @torch.no_grad()
-def generate(net, tok, prompts, stop_ids, max_new_tokens, engine="generate"):
-    """Greedy completions of a batch of prompts (lists of token ids), each cut at its first stop token.
-    engine "generate": one left-padded batch through model.generate; "continuous": transformers'
-    continuous batching (model.generate_batch), which refills finished rows with waiting prompts.
-    Both give the same tokens (tests). Returns (texts, number of generated tokens)."""
-    config = greedy_config(max_new_tokens, stop_ids, tok.pad_token_id)  # greedy whatever the model ships
-    if engine == "continuous":
-        results = net.generate_batch(prompts, generation_config=config, progress_bar=False)
-        out = [list(r.generated_tokens) for r in results.values()]  # in the order of `prompts`
+def generate(net, tok, prompts, stop_ids, budgets, engine="generate"):
+    """Greedy completions of a batch of prompts (lists of token ids), each cut at its first stop token
+    and after its own budget of new tokens -> (texts, new tokens). engine "generate": one left-padded
+    batch through model.generate; "continuous": transformers' continuous batching (generate_batch),
+    which refills finished rows with waiting prompts. Both give the same tokens (tests)."""
+    config = greedy_config(max(budgets), stop_ids, tok.pad_token_id)  # greedy whatever the model ships
+    if engine == "continuous":  # on the CPU a cache sized for these prompts (not for most of the RAM)
+        from transformers import ContinuousBatchingConfig
+        cache = None if net.device.type == "cuda" else ContinuousBatchingConfig(
+            num_blocks=sum(-(-(len(p) + max(budgets)) // 256) for p in prompts))
+        results = list(net.generate_batch(prompts, generation_config=config, continuous_batching_config=cache,
+                                          progress_bar=False).values())
+        if len(results) != len(prompts) or any(r.error or list(r.prompt_ids) != p for r, p in zip(results, prompts)):
+            die(f"continuous batching returned {len(results)} of {len(prompts)} completions, out of order or with an error "
+                f"({next((r.error for r in results if r.error), 'none given')}); run with --engine generate", every_rank=True)
+        out = [list(r.generated_tokens) for r in results]
     else:
-        width = max(map(len, prompts))
-        dev = net.device
+        width, dev = max(map(len, prompts)), net.device
         input_ids = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p in prompts], device=dev)  # (B, T)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=dev)  # (B, T)
         out = net.generate(input_ids=input_ids, attention_mask=mask, generation_config=config)[:, width:].tolist()
     texts, n_tokens = [], 0
-    for row in out:
-        cut = next((i for i, t in enumerate(row) if t in stop_ids), len(row))
+    for row, budget in zip(out, budgets):
+        cut = next((i for i, t in enumerate(row[:budget]) if t in stop_ids), len(row[:budget]))
         texts.append(tok.decode(row[:cut], skip_special_tokens=True))
         n_tokens += cut
     return texts, n_tokens
 
 
-def run_benchmark(net, tok, stop_ids, grader, name, problems, rows_path, desc):
-    """Generate and grade the problems not yet in rows_path -> (n, correct) over `problems`, new tokens."""
-    done = {r["idx"]: r for r in complete_lines(rows_path)}  # resume: graded rows are kept
-    todo = [p for p in problems if p["idx"] not in done]
-    prompt_ids = {p["idx"]: tok(PROMPT.format(question=p["question"]), add_special_tokens=False)["input_ids"] for p in todo}
-    todo.sort(key=lambda p: -len(prompt_ids[p["idx"]]))  # similar lengths share a batch: little padding
-    correct = sum(done[p["idx"]]["correct"] for p in problems if p["idx"] in done)
-    bar = tqdm(total=len(problems), initial=len(problems) - len(todo), desc=desc, unit="problem", dynamic_ncols=True)
-    n_tokens, t0 = 0, time.time()
-    for start in range(0, len(todo), batch_size):
-        batch = todo[start:start + batch_size]
-        texts, n = generate(net, tok, [prompt_ids[p["idx"]] for p in batch], stop_ids, max_new_tokens, engine)
+def solve(net, tok, stop_ids, questions):
+    """The toolkit's loop over one batch: up to MAX_ROUNDS calls of the model. After a call that ends on
+    a closed code block with no "boxed" in it, the program's output is appended and the model reads on
+    (the last round adds "Reach max function call limit."). Each call may write max_new_tokens (the
+    toolkit's max_tokens_per_call), within the model's context. -> (completions, programs run, tokens)"""
+    prompts = [PROMPT.format(question=q) for q in questions]
+    texts, rounds, n_tokens, todo = [""] * len(prompts), [0] * len(prompts), 0, list(range(len(prompts)))
+    context = getattr(net.config, "max_position_embeddings", None) or 1 << 30  # the toolkit's vLLM: max_model_len
+    for r in range(MAX_ROUNDS):
+        ids = {i: tok(prompts[i] + texts[i], add_special_tokens=False)["input_ids"] for i in todo}
+        todo = [i for i in todo if len(ids[i]) < context]  # a full context ends a completion
+        try:
+            outs, n = generate(net, tok, [ids[i] for i in todo], stop_ids,
+                               [min(max_new_tokens, context - len(ids[i])) for i in todo], engine) if todo else ([], 0)
+        except torch.cuda.OutOfMemoryError:
+            die(f"CUDA out of memory generating {len(todo)} prompts at once; pass a smaller --batch-size", every_rank=True)
+        n_tokens, runs = n_tokens + n, []
+        for i, out in zip(todo, outs):
+            texts[i] += out.rstrip()
+            if not no_code_exec and "boxed" not in out and out.rstrip().endswith("```"):
+                runs.append(i)
+        todo = runs
+        for i in todo:  # one by one, as the toolkit
+            texts[i] += f"\n```output\n{run_program(extract_program(prompts[i] + texts[i]))}\n```\n"
+            texts[i] += "\nReach max function call limit." if r == MAX_ROUNDS - 1 else ""
+            rounds[i] += 1
+    return texts, rounds, n_tokens
+
+
+# -----------------------------------------------------------------------------
+# grading and writing rows: one path for generated and saved completions, for one or many processes
+
+
+def key_of(row):  # a problem's idx; a completions file may hold several lines per problem: its line number
+    return row.get("line", row["idx"])
+
+
+def run_jobs(name, jobs, rows_path, grader, desc, make=None):
+    """Grade `jobs` (problems with a unique "key" and a "completion", or make(batch) -> (completions,
+    programs run, new tokens) writes them) into rows_path, keeping rows already there. Under torchrun
+    the batches are dealt out (batch k to rank k mod N); each rank appends its rows to its own part
+    file, rank 0 merges them. -> (rows of these jobs on rank 0, new tokens)"""
+    if master:
+        merge_parts(rows_path, key_of, [j["key"] for j in jobs])  # what a killed run left (any number of processes)
+    barrier()
+    done = {key_of(r) for r in complete_lines(rows_path)}
+    order = sorted(jobs, key=lambda j: -j.get("len", 0))  # similar prompt lengths share a batch: little padding
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)][RANK::WORLD_SIZE]
+    part, n_tokens, graded, correct, t0 = f"{rows_path}.rank{RANK}", 0, 0, 0, time.time()
+    bar = tqdm(total=sum(map(len, batches)), desc=desc, unit="problem", dynamic_ncols=True, disable=not master)
+    for batch in batches:
+        todo = [j for j in batch if j["key"] not in done]
+        texts, rounds, n = make(todo) if make and todo else ([j.get("completion") for j in todo], [0] * len(todo), 0)
         rows = []
-        for p, text in zip(batch, texts):
-            pred, ok, _ = grader.grade(text, p["gt"], name)
-            rows.append(dict(idx=p["idx"], question=p["question"], gt=p["gt"], completion=text, pred=pred, correct=ok))
-        append_jsonl(rows_path, rows)
-        n_tokens, correct = n_tokens + n, correct + sum(r["correct"] for r in rows)
-        bar.update(len(rows))
-        bar.set_postfix(acc=f"{100 * correct / bar.n:.1f}%", tok_s=f"{n_tokens / (time.time() - t0):.0f}")
+        for j, text, k in zip(todo, texts, rounds):
+            pred, ok, late = grader.grade(text, j["gt"], name)
+            rows.append({f: j[f] for f in ("idx", "line", "question", "gt") if f in j})
+            rows[-1].update(completion=text, pred=pred, correct=ok, rounds=k, timed_out=late)
+        append_jsonl(part, rows)
+        n_tokens, graded, correct = n_tokens + n, graded + len(rows), correct + sum(r["correct"] for r in rows)
+        bar.update(len(batch))
+        bar.set_postfix(acc=f"{100 * correct / max(graded, 1):.1f}%", tok_s=f"{n_tokens / (time.time() - t0):.0f}")
     bar.close()
-    # the finished file in benchmark order, rewritten whole (atomically) for easy reading
-    rows = {r["idx"]: r for r in complete_lines(rows_path)}
-    order = [p["idx"] for p in problems] + sorted((i for i in rows if i not in {p["idx"] for p in problems}), key=str)
-    write_jsonl(rows_path, [rows[i] for i in order if i in rows])
-    return len(problems), sum(rows[p["idx"]]["correct"] for p in problems), n_tokens
+    barrier()
+    rows = merge_parts(rows_path, key_of, [j["key"] for j in jobs]) if master else {}
+    return [rows[j["key"]] for j in jobs if j["key"] in rows], n_tokens
 
 
-def save_summary(tag_dir, name, n, correct):
+def save_summary(tag_dir, name, rows):
+    """One benchmark's totals in summary.json: accuracy, answers whose grading ran out of time (they count
+    as wrong), and how many completions ran 0, 1, ..., MAX_ROUNDS programs. -> (n, correct)"""
     path = os.path.join(tag_dir, "summary.json")
     summary = read_json(path) if os.path.exists(path) else {}
-    summary[name] = dict(n=n, correct=correct, accuracy=round(100 * correct / max(n, 1), 2))
+    n, correct = len(rows), sum(r["correct"] for r in rows)
+    summary[name] = dict(n=n, correct=correct, accuracy=round(100 * correct / max(n, 1), 2),
+                         grade_timeouts=sum(r["timed_out"] for r in rows),
+                         code_rounds=[sum(r["rounds"] == k for r in rows) for k in range(MAX_ROUNDS + 1)])
     write_json(path, summary)
+    return n, correct
 
 
 def print_table(results):
-    """results: {tag: {bench: (n, correct)}} -> benchmark, n, accuracy per model, and the delta."""
+    """results: {tag: {bench: (n, correct)}} -> benchmark, n, accuracy per model, the delta of two."""
     tags = list(results)
-    names = [b for b in BENCHMARKS if b in results[tags[0]]]
+    lines = [(b, str(results[tags[0]][b][0]), [100 * results[t][b][1] / max(results[t][b][0], 1) for t in tags])
+             for b in BENCHMARKS if b in results[tags[0]]]
+    if len(lines) > 1:
+        lines.append(("average", "", [sum(acc[k] for _, _, acc in lines) / len(lines) for k in range(len(tags))]))
     width = max(12, *(len(t) + 2 for t in tags))
-    print("benchmark".ljust(14) + "n".rjust(6) + "".join(t.rjust(width) for t in tags) + ("delta".rjust(8) if len(tags) == 2 else ""))
-    accs = {t: [] for t in tags}
-    for b in names:
-        line = b.ljust(14) + str(results[tags[0]][b][0]).rjust(6)
-        for t in tags:
-            n, c = results[t][b]
-            accs[t].append(100 * c / max(n, 1))
-            line += f"{accs[t][-1]:.1f}".rjust(width)
-        print(line + (f"{accs[tags[1]][-1] - accs[tags[0]][-1]:+.1f}".rjust(8) if len(tags) == 2 else ""))
-    if len(names) > 1:
-        avg = {t: sum(accs[t]) / len(accs[t]) for t in tags}
-        print("average".ljust(20) + "".join(f"{avg[t]:.1f}".rjust(width) for t in tags) +
-              (f"{avg[tags[1]] - avg[tags[0]]:+.1f}".rjust(8) if len(tags) == 2 else ""))
+    print("benchmark".ljust(14) + "n".rjust(6) + "".join(t.rjust(width) for t in tags) + "delta".rjust(8) * (len(tags) == 2))
+    for b, n, acc in lines:
+        print(b.ljust(14) + n.rjust(6) + "".join(f"{a:.1f}".rjust(width) for a in acc)
+              + f"{acc[-1] - acc[0]:+.1f}".rjust(8) * (len(tags) == 2))
 
 
 # -----------------------------------------------------------------------------
@@ -741,80 +907,132 @@ if __name__ == "__main__":
         die(f"--limit {limit} must be a whole number ≥ 1 (leave it out to evaluate every problem)")
     if engine not in ("generate", "continuous"):
         die(f"--engine {engine} is not one of: generate, continuous")
-    if max_new_tokens < 1 or batch_size < 1 or grade_timeout <= 0:
-        die("--max-new-tokens and --batch-size must be ≥ 1, --grade-timeout > 0")
+    if max_new_tokens < 1 or batch_size < 0 or grade_timeout <= 0:
+        die("--max-new-tokens must be ≥ 1, --batch-size ≥ 0 (0: sized for the device), --grade-timeout > 0")
+    if completions and len(names) != 1:
+        die("--completions grades one benchmark; pass --bench with a single name")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # we fork grading workers; keep tokenizers quiet
-    grader = Grader(grade_timeout)
-    t_start = time.time()
+    grader = Grader(grade_timeout)  # forks its worker now, before anything touches CUDA
+    dev = init_distributed(device)
+    batch_size = batch_size or (64 if dev.startswith("cuda") else 16)
+    t_start, cut = time.time(), int(limit) if limit else None
 
-    # ---- grade saved completions (from any engine): no model at all
+    # ---- what to grade: saved completions (no model), or the base model and base + adapter (merged)
     if completions:
-        if len(names) != 1:
-            die("--completions grades one benchmark; pass --bench with a single name")
-        name = names[0]
-        path, problems = load_benchmark(name, data_dir)
-        by_idx = {p["idx"]: p for p in problems}
-        wanted = {p["idx"] for p in problems[:int(limit)]} if limit else set(by_idx)
-        lines = read_jsonl(completions, "completions file", with_lines=True)
-        for n, row in lines:
+        path, problems = load_benchmark(names[0], data_dir)
+        by_idx, wanted, jobs = {p["idx"]: p for p in problems}, {p["idx"] for p in problems[:cut]}, []
+        for n, row in read_jsonl(completions, "completions file", with_lines=True):
             if "idx" not in row or not isinstance(row.get("completion"), str):
                 die(f"{completions}:{n}: a line needs \"idx\" and a string \"completion\", like "
                     "{\"idx\": 0, \"completion\": \"... \\\\boxed{18}\"}")
-            if row["idx"] not in by_idx:
-                die(f"{completions}:{n}: idx {row['idx']!r} is not a problem of {name} ({path})")
-        tag = os.path.splitext(os.path.basename(completions))[0]
-        tag_dir = os.path.join(out_dir, "eval", tag)
-        os.makedirs(tag_dir, exist_ok=True)
-        rows = []
-        bar = tqdm([row for _, row in lines if row["idx"] in wanted], desc=f"grading {name}", unit="answer", dynamic_ncols=True)
-        for row in bar:
-            p = by_idx[row["idx"]]
-            pred, ok, _ = grader.grade(row["completion"], p["gt"], name)
-            rows.append(dict(idx=p["idx"], question=p["question"], gt=p["gt"], completion=row["completion"], pred=pred, correct=ok))
-            bar.set_postfix(acc=f"{100 * sum(r['correct'] for r in rows) / len(rows):.1f}%", refresh=False)
-        rows_path = os.path.join(tag_dir, f"{name}.jsonl")
-        write_jsonl(rows_path, rows)
-        correct = sum(r["correct"] for r in rows)
-        save_summary(tag_dir, name, len(rows), correct)
-        grader.close()
-        print_table({tag: {name: (len(rows), correct)}})
-        print(f"graded {len(rows)} completions in {time.time() - t_start:.1f}s ({grader.timeouts} timed out) -> {rows_path}")
-        raise SystemExit(0)
+            if check_idx(row["idx"], f"{completions}:{n}") not in by_idx:
+                die(f"{completions}:{n}: idx {row['idx']!r} is not a problem of {names[0]} ({path})")
+            if row["idx"] in wanted:
+                jobs.append(dict(by_idx[row["idx"]], key=n, line=n, completion=row["completion"]))
+        if not jobs:
+            die(f"{completions} holds no completions{f' of the first {limit} problems' if limit else ''}; "
+                "write one {\"idx\": ..., \"completion\": ...} per line")
+        runs = [(os.path.splitext(os.path.basename(completions))[0], None, dict(completions=os.path.abspath(completions),
+                 sha256=hashlib.sha256(read_bytes(completions, "completions file")).hexdigest()))]
+    else:
+        benches = {name: load_benchmark(name, data_dir)[1][:cut] for name in names}
+        config_path = os.path.join(out_dir, "sample_config.json")
+        base = model or (read_json(config_path).get("config", {}).get("expert") if os.path.exists(config_path) else None) \
+            or "Qwen/Qwen2.5-Math-1.5B"
+        default_adapter = os.path.join(out_dir, "lora")
+        adapter_dir = None if adapter == "none" else adapter or (default_adapter if os.path.isdir(default_adapter) else None)
+        if adapter_dir is not None and not os.path.isfile(os.path.join(adapter_dir, "adapter_config.json")):
+            die(f"{adapter_dir} is not a peft adapter (no adapter_config.json); pass the directory train.py "
+                "wrote (out/lora) or --adapter none")
+        where = lambda p: os.path.abspath(p) if os.path.isdir(p) else p  # noqa: E731 (a local directory, or a hub id)
+        record = dict(model=where(base), adapter=None, dtype=str(pick_dtype(dtype, dev)), max_new_tokens=max_new_tokens,
+                      engine=engine, code_exec=not no_code_exec, prompt=PROMPT)
+        tag = os.path.basename(os.path.normpath(base))
+        runs = [(tag, None, record)] + ([(f"{tag}+{os.path.basename(os.path.normpath(adapter_dir))}", adapter_dir,
+                                          dict(record, adapter=where(adapter_dir)))] if adapter_dir else [])
+    for tag, _, record in runs:  # one run per model at a time, resuming only rows made the same way
+        tag_dir = make_dir(os.path.join(out_dir, "eval", tag))
+        if master:
+            lock_dir(tag_dir, "evaluate")
+        check_record(os.path.join(tag_dir, "run.json"), record, glob.glob(os.path.join(glob.escape(tag_dir), "*.jsonl*")),
+                     fix=f"pass another --out-dir, or delete {tag_dir} to start it over")
 
-    # ---- or generate: the base model, then base + adapter when there is one
-    config_path = os.path.join(out_dir, "sample_config.json")
-    base = model or (read_json(config_path).get("config", {}).get("expert") if os.path.exists(config_path) else None) \
-        or "Qwen/Qwen2.5-Math-1.5B"
-    default_adapter = os.path.join(out_dir, "lora")
-    adapter_dir = None if adapter == "none" else adapter or (default_adapter if os.path.isdir(default_adapter) else None)
-    if adapter_dir is not None and not os.path.isfile(os.path.join(adapter_dir, "adapter_config.json")):
-        die(f"{adapter_dir} is not a peft adapter (no adapter_config.json); pass the directory train.py "
-            "wrote (out/lora) or --adapter none")
-    benches = {name: load_benchmark(name, data_dir)[1][:int(limit) if limit else None] for name in names}
-    dev = pick_device(device)
-    tok = load_tokenizer(base)
-    net = load_model(base, dev, pick_dtype(dtype, dev))
-    stop_ids = stop_token_ids(tok, net)
-    tag = os.path.basename(os.path.normpath(base))
-    runs = [(tag, None)] + ([(f"{tag}+{os.path.basename(os.path.normpath(adapter_dir))}", adapter_dir)] if adapter_dir else [])
+    # ---- generate (or take) the completions, grade them, write rows and totals
+    if not completions:
+        tok = load_tokenizer(base)
+        net = load_model(base, dev, pick_dtype(dtype, dev))
+        stop_ids = stop_token_ids(tok, net)
     results, n_tokens = {}, 0
-    for run_tag, adapter_path in runs:
-        if adapter_path:
+    for tag, adapter_path, _ in runs:
+        if adapter_path:  # merged into the weights, as the paper's merge.py does before bf16 inference
             from peft import PeftModel
             try:
-                net = PeftModel.from_pretrained(net, adapter_path).eval()
-            except Exception as e:
-                die(f"cannot apply the adapter {adapter_path} to {base}: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}")
-        tag_dir = os.path.join(out_dir, "eval", run_tag)
-        os.makedirs(tag_dir, exist_ok=True)
-        results[run_tag] = {}
-        for name, problems in benches.items():
-            n, correct, n_new = run_benchmark(net, tok, stop_ids, grader, name, problems,
-                                              os.path.join(tag_dir, f"{name}.jsonl"), f"{run_tag} {name}")
-            results[run_tag][name], n_tokens = (n, correct), n_tokens + n_new
-            save_summary(tag_dir, name, n, correct)
+                net = PeftModel.from_pretrained(net, adapter_path).merge_and_unload().eval()
+            except Exception as e:  # a mismatched adapter fails in many ways (sizes, module names, files)
+                die(f"cannot apply the adapter {adapter_path} to {base}: "
+                    f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}")
+        results[tag] = {}
+        for name in names:
+            if not completions:  # a problem's key is its idx; its prompt's length picks its batch
+                lengths = tok([PROMPT.format(question=p["question"]) for p in benches[name]], add_special_tokens=False)["input_ids"]
+                jobs = [dict(p, key=p["idx"], len=len(ids)) for p, ids in zip(benches[name], lengths)]
+            rows, n = run_jobs(name, jobs, os.path.join(out_dir, "eval", tag, f"{name}.jsonl"), grader, f"{tag} {name}",
+                               None if completions else lambda batch: solve(net, tok, stop_ids, [j["question"] for j in batch]))
+            n_tokens += n
+            if master:
+                results[tag][name] = save_summary(os.path.join(out_dir, "eval", tag), name, rows)
     grader.close()
-    print_table(results)
-    wall = time.time() - t_start
-    print(f"{sum(len(p) for p in benches.values())} problems x {len(runs)} model(s); {n_tokens} tokens generated "
-          f"in {wall:.0f}s ({n_tokens / wall:.1f} tokens/s); rows and summary.json in {os.path.join(out_dir, 'eval')}")
+    n_tokens, timeouts = map(int, sum_over_ranks([n_tokens, grader.timeouts], dev))
+    eval_dir, wall = os.path.join(out_dir, "eval"), time.time() - t_start
+    if master:
+        print_table(results)
+        print(f"{len(runs)} model(s) x {len(names)} benchmark(s) in {wall:.0f}s"
+              + ("" if completions else f", {n_tokens} tokens generated ({n_tokens / wall:.1f} tokens/s)")
+              + f"; {timeouts} answer(s) whose grading ran out of time (counted wrong); rows, summary.json and "
+              f"report.html in {eval_dir}")
+
+
+# -----------------------------------------------------------------------------
+# out/eval/report.html: a view of the row files and summaries of every model in out/eval, rebuilt
+# after each run from those files alone. Everything from the data or a model goes through esc().
+
+
+def report_page(eval_dir):
+    """The comparison table (benchmarks x models; a tuned model "<base>+<adapter>" with its delta to
+    <base>), then per benchmark the problems whose verdict differs between base and tuned model: the
+    question, the ground truth, both predictions and both completions side by side, collapsed."""
+    def load(path):  # a JSON file, or the rows of a JSONL file; an error ends in write_page's warning
+        with open(path, encoding="utf-8") as f:
+            return json.load(f) if path.endswith(".json") else [json.loads(line) for line in f if line.strip()]
+
+    tags = sorted(t for t in os.listdir(eval_dir) if os.path.isfile(os.path.join(eval_dir, t, "summary.json")))
+    summary = {t: load(os.path.join(eval_dir, t, "summary.json")) for t in tags}
+    pairs = [(t.rsplit("+", 1)[0], t) for t in tags if "+" in t and t.rsplit("+", 1)[0] in summary]
+    names = [b for b in BENCHMARKS if any(b in s for s in summary.values())]
+    html = ["<table><tr><th>benchmark</th>" + "".join(f"<th>{esc(t)}</th>" for t in tags) + "</tr>"]
+    for b in names:
+        html.append(f"<tr><td>{esc(b)}</td>")
+        for t in tags:
+            s, base = summary[t].get(b), summary.get(dict((y, x) for x, y in pairs).get(t), {}).get(b)
+            delta = f" <b>{s['accuracy'] - base['accuracy']:+.1f}</b>" if s and base else ""
+            html.append(f"<td>{s['accuracy']:.1f}{delta} <span class=muted>n={esc(s['n'])}</span></td>" if s else "<td></td>")
+        html.append("</tr>")
+    html.append("</table><p class=muted>accuracy in %; in bold a tuned model's gain over its base model, in points</p>")
+    for base, tuned in pairs:
+        for b in [b for b in names if b in summary[base] and b in summary[tuned]]:
+            x, y = ({r["idx"]: r for r in load(os.path.join(eval_dir, t, f"{b}.jsonl"))} for t in (base, tuned))
+            differ = [i for i in x if i in y and x[i]["correct"] != y[i]["correct"]]
+            html.append(f"<h2>{esc(b)}: {len(differ)} verdicts differ between {esc(base)} and {esc(tuned)}</h2>")
+            for i in differ:
+                html.append(f"<details><summary>idx {esc(i)}: {esc(base)} {'right' if x[i]['correct'] else 'wrong'}, "
+                            f"{esc(tuned)} {'right' if y[i]['correct'] else 'wrong'}</summary><pre>{esc(x[i]['question'])}</pre>"
+                            f"<p>ground truth: <b>{esc(x[i]['gt'])}</b></p><div class=pair>")
+                for t, r in ((base, x[i]), (tuned, y[i])):
+                    html.append(f"<div><b>{esc(t)}</b> predicts <b>{esc(r['pred'])}</b><pre>{esc(r['completion'])}</pre></div>")
+                html.append("</div></details>")
+    return page("LightReasoner evaluation", "\n".join(html), css=".pair { display: grid; grid-template-columns: 1fr 1fr; "
+                "gap: 1em; } pre { background: #f6f6f6; padding: 0.5em; } summary { cursor: pointer; }")
+
+
+if __name__ == "__main__" and master:  # runs after the stage above: the page shows what it wrote
+    write_page(os.path.join(eval_dir, "report.html"), lambda: report_page(eval_dir))

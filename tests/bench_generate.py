@@ -68,7 +68,9 @@ def padded(batch_size):
 
 @torch.no_grad()
 def continuous():
-    results = model.generate_batch(prompts, generation_config=cfg, progress_bar=False)
+    from transformers import ContinuousBatchingConfig  # on the CPU a cache sized for these prompts, as evaluate.py
+    cache = None if dev == "cuda" else ContinuousBatchingConfig(num_blocks=sum(-(-(len(p) + args.max_new_tokens) // 256) for p in prompts))
+    results = model.generate_batch(prompts, generation_config=cfg, continuous_batching_config=cache, progress_bar=False)
     return sum(len(r.generated_tokens) for r in results.values())
 
 

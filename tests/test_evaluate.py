@@ -12,7 +12,6 @@ import time
 
 import pytest
 import sympy
-import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # our evaluate.py, not a package of the same name
@@ -246,57 +245,11 @@ def test_completions_mode_grades_every_line_in_order_duplicates_included(tmp_pat
                                                                    (0, "17", False), (1, "3", True)]
     assert rows[0]["gt"] == "18" and rows[0]["question"].startswith("Janet")
     summary = json.load(open(tmp_path / "out" / "eval" / "vllm_out" / "summary.json"))
-    assert summary["gsm8k"] == {"n": 4, "correct": 3, "accuracy": 75.0}
+    assert summary["gsm8k"] == {"n": 4, "correct": 3, "accuracy": 75.0, "grade_timeouts": 0, "code_rounds": [4, 0, 0, 0, 0]}
     assert "gsm8k" in proc.stdout and "75.0" in proc.stdout
 
 
-# -----------------------------------------------------------------------------
-# a tiny model end to end: base, base + LoRA adapter, and resuming
-
-
-def make_adapter(model_dir, out):
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-    torch.manual_seed(0)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir),
-                           LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
-    model.save_pretrained(out)
-
-
-@pytest.mark.filterwarnings("ignore::FutureWarning")  # peft calls a deprecated transformers helper
-def test_tiny_model_end_to_end_with_adapter_and_resume(tiny_models, tmp_path):
-    out = tmp_path / "out"
-    make_adapter(tiny_models["expert"], out / "lora")  # where train.py writes it: picked up by default
-    args = ["--model", tiny_models["expert"], "--bench", "gsm8k,mmlu_stem", "--data-dir", EVAL_DATA,
-            "--out-dir", out, "--limit", 3, "--max-new-tokens", 8, "--batch-size", 2]
-    proc = run_cli(args)
-    base, tuned = out / "eval" / "expert", out / "eval" / "expert+lora"
-    for tag_dir in (base, tuned):
-        for name in ("gsm8k", "mmlu_stem"):
-            rows = [json.loads(line) for line in open(tag_dir / f"{name}.jsonl")]
-            assert [r["idx"] for r in rows] == [0, 1, 2]
-            assert set(rows[0]) == {"idx", "question", "gt", "completion", "pred", "correct"}
-        summary = json.load(open(tag_dir / "summary.json"))
-        assert summary["gsm8k"]["n"] == 3 and summary["mmlu_stem"]["n"] == 3
-    header = next(line for line in proc.stdout.splitlines() if line.startswith("benchmark"))
-    assert "expert" in header and "expert+lora" in header and "delta" in header
-    # the adapter changes what the model writes
-    first = lambda d: [json.loads(line)["completion"] for line in open(d / "gsm8k.jsonl")]
-    assert first(base) != first(tuned)
-
-    # resume after a kill -9: a half-written line and a missing row are the only work left
-    rows_path = base / "gsm8k.jsonl"
-    lines = open(rows_path).read().splitlines(keepends=True)
-    kept = lines[:1]
-    open(rows_path, "w").write("".join(kept) + lines[1][:20])
-    # ...and with no --model, the expert that sample.py used (out/sample_config.json) is evaluated
-    (out / "sample_config.json").write_text(json.dumps({"config": {"expert": tiny_models["expert"]}}))
-    proc = run_cli([a for a in args if a != tiny_models["expert"] and a != "--model"] + ["--adapter", "none"])
-    rows = [json.loads(line) for line in open(rows_path)]
-    assert [r["idx"] for r in rows] == [0, 1, 2] and json.dumps(rows[0], ensure_ascii=False) + "\n" == kept[0]
-    assert [json.loads(line)["completion"] for line in lines] == [r["completion"] for r in rows]  # greedy: same text
-    assert "expert+lora" not in proc.stdout
+# (a tiny model end to end, several processes, code execution: tests/test_evaluate_run.py)
 
 
 # -----------------------------------------------------------------------------
@@ -357,15 +310,3 @@ def test_adapter_dir_that_is_not_a_peft_adapter(tmp_path, capsys, monkeypatch):
     code, err = run_inprocess(["--bench", "gsm8k", "--adapter", tmp_path / "lora", "--data-dir", EVAL_DATA],
                               capsys, monkeypatch)
     assert code == 2 and "not a peft adapter" in err
-
-
-def test_continuous_batching_gives_the_same_completions_as_padded_batches(tiny_models):
-    from common import load_model, load_tokenizer, stop_token_ids
-    tok = load_tokenizer(tiny_models["expert"])
-    net = load_model(tiny_models["expert"], "cpu", torch.float32)
-    stop = stop_token_ids(tok, net)
-    questions = ["What is 2+2?", "A train leaves at 3 pm and travels 60 miles per hour. When does it arrive?", "Hi"]
-    prompts = [tok(E.PROMPT.format(question=q), add_special_tokens=False)["input_ids"] for q in questions]
-    padded = E.generate(net, tok, prompts, stop, 12, engine="generate")
-    continuous = E.generate(net, tok, prompts, stop, 12, engine="continuous")
-    assert padded == continuous and padded[1] > 0

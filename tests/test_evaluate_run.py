@@ -1,0 +1,398 @@
+"""
+Stage 3 (evaluate.py) as a run: generation with the toolkit's code-execution rounds, the executor,
+the one grading/writing path (resume, several processes), the merged adapter, the report page, and
+every mistake a user can make ending in one line. The grader itself is tested in test_evaluate.py.
+"""
+import html.parser
+import json
+import os
+import runpy
+import shutil
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from conftest import ROOT, run_script, run_torchrun
+
+sys.path.insert(0, ROOT)  # our evaluate.py, not a package of the same name
+import common  # noqa: E402
+import evaluate as E  # noqa: E402
+EVAL_DATA = os.path.join(ROOT, "tests", "data", "eval")
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # peft calls a deprecated transformers helper
+
+
+def run_inprocess(args, capsys, monkeypatch):
+    """evaluate.py's command line in this process (fast: torch is already imported) -> (exit code, stderr)."""
+    monkeypatch.setattr(sys, "argv", ["evaluate.py", *map(str, args)])
+    monkeypatch.setenv("https_proxy", "http://127.0.0.1:9")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the arithmetic of the runs it is compared with (one thread each)
+    try:
+        runpy.run_path(os.path.join(ROOT, "evaluate.py"), run_name="__main__")
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    finally:
+        torch.set_num_threads(threads)
+        for f in common._LOCKS:  # the run's out-dir locks, released as its process would at exit
+            f.close()
+        common._LOCKS.clear()
+    return code, capsys.readouterr().err
+
+
+def rows_of(path):
+    return [json.loads(line) for line in open(path, encoding="utf-8")]
+
+
+# -----------------------------------------------------------------------------
+# one tiny model, base and base + adapter, in one process and under torchrun with two
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_models, tmp_path_factory):
+    """The same evaluation (base + out/lora, two benchmarks, 3 problems, batches of 2) run by one process
+    and by two under torchrun (one thread each, so the arithmetic is the same), and the merged model."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    root = tmp_path_factory.mktemp("eval_runs")
+    torch.manual_seed(0)
+    tuned = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_models["expert"]),
+                           LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    for out in ("one", "two"):
+        tuned.save_pretrained(root / out / "lora")  # where train.py writes it: picked up by default
+    tuned.merge_and_unload().save_pretrained(root / "merged")
+    AutoTokenizer.from_pretrained(tiny_models["expert"]).save_pretrained(root / "merged")
+    args = ["--model", tiny_models["expert"], "--bench", "gsm8k,mmlu_stem", "--data-dir", EVAL_DATA,
+            "--limit", 3, "--max-new-tokens", 8, "--batch-size", 2]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OMP_NUM_THREADS", "1")
+        one = run_script("evaluate.py", *args, "--out-dir", root / "one")
+    two = run_torchrun("evaluate.py", *args, "--out-dir", root / "two")
+    return SimpleNamespace(root=root, args=args, one=one, two=two, expert=tiny_models["expert"])
+
+
+def test_base_and_merged_adapter_rows_summary_and_table(runs):
+    base, tuned = runs.root / "one" / "eval" / "expert", runs.root / "one" / "eval" / "expert+lora"
+    for tag_dir in (base, tuned):
+        for name in ("gsm8k", "mmlu_stem"):
+            rows = rows_of(tag_dir / f"{name}.jsonl")
+            assert [r["idx"] for r in rows] == [0, 1, 2]
+            assert set(rows[0]) == {"idx", "question", "gt", "completion", "pred", "correct", "rounds", "timed_out"}
+        summary = json.load(open(tag_dir / "summary.json"))
+        assert summary["gsm8k"]["n"] == 3 and summary["gsm8k"]["code_rounds"] == [3, 0, 0, 0, 0]
+        assert summary["gsm8k"]["grade_timeouts"] == 0
+    run = json.load(open(tuned / "run.json"))
+    assert run["model"] == runs.expert and run["adapter"] == str(runs.root / "one" / "lora") and run["code_exec"]
+    header = next(line for line in runs.one.stdout.splitlines() if line.startswith("benchmark"))
+    assert "expert" in header and "expert+lora" in header and "delta" in header
+    completions = lambda d: [r["completion"] for r in rows_of(d / "gsm8k.jsonl")]  # noqa: E731
+    assert completions(base) != completions(tuned)  # the adapter changes what the model writes
+    assert not [f for f in os.listdir(base) if ".rank" in f]  # part files merged and gone
+
+
+def test_two_processes_under_torchrun_give_the_same_rows_and_summary(runs):
+    for tag in ("expert", "expert+lora"):
+        for f in ("gsm8k.jsonl", "mmlu_stem.jsonl", "summary.json", "run.json"):
+            one, two = (open(runs.root / d / "eval" / tag / f).read() for d in ("one", "two"))
+            assert one == two.replace(str(runs.root / "two"), str(runs.root / "one")), (tag, f)
+    assert runs.two.stdout.count("benchmark ") == 1  # only rank 0 prints the table
+    assert "expert+lora" in runs.two.stdout and not [f for f in os.listdir(runs.root / "two" / "eval" / "expert") if ".rank" in f]
+
+
+def test_saved_completions_are_dealt_out_in_batches_and_merged_in_file_order(tmp_path, monkeypatch):
+    """--completions under torchrun, one rank after the other: batch k goes to rank k mod 2, each writes
+    its part file, rank 0 merges; the rows are a single process's."""
+    jobs = [dict(idx=n % 3, line=n, key=n, question="q", gt=str(n % 2), completion=f"\\boxed{{{n % 2 + n // 6}}}")
+            for n in range(1, 8)]
+    grader = E.Grader(5.0)
+    monkeypatch.setattr(E, "batch_size", 2)
+    single = E.run_jobs("gsm8k", jobs, str(tmp_path / "one.jsonl"), grader, "one")[0]
+    assert [r["line"] for r in single] == list(range(1, 8)) and [r["correct"] for r in single] == [True] * 5 + [False] * 2
+    monkeypatch.setattr(E, "WORLD_SIZE", 2)
+    for rank in (1, 0):
+        monkeypatch.setattr(E, "RANK", rank)
+        monkeypatch.setattr(E, "master", rank == 0)
+        E.run_jobs("gsm8k", jobs, str(tmp_path / "two.jsonl"), grader, "two")
+        if rank == 1:  # batches 1 and 3: lines 3, 4 and 7
+            assert [r["line"] for r in rows_of(tmp_path / "two.jsonl.rank1")] == [3, 4, 7]
+    grader.close()
+    assert open(tmp_path / "two.jsonl").read() == open(tmp_path / "one.jsonl").read()
+    assert not os.path.exists(tmp_path / "two.jsonl.rank1") and not os.path.exists(tmp_path / "two.jsonl.rank0")
+
+
+def test_tuned_model_is_evaluated_merged_like_a_saved_merged_model(runs, capsys, monkeypatch):
+    out = runs.root / "merged_out"
+    code, err = run_inprocess(["--model", runs.root / "merged", "--adapter", "none", *runs.args[2:], "--out-dir", out],
+                              capsys, monkeypatch)
+    assert code == 0, err
+    for name in ("gsm8k", "mmlu_stem"):
+        merged, tuned = rows_of(out / "eval" / "merged" / f"{name}.jsonl"), rows_of(runs.root / "one" / "eval" / "expert+lora" / f"{name}.jsonl")
+        assert merged == tuned
+
+
+def test_resume_folds_in_part_files_a_killed_run_left(runs, capsys, monkeypatch):
+    """A run of two processes killed mid-way left rows in the main file, in a part file (half a line at
+    its end) and none for a problem: one process picks up exactly the missing work."""
+    out = runs.root / "resumed"
+    shutil.copytree(runs.root / "one" / "eval", out / "eval", ignore=shutil.ignore_patterns(".*.lock"))
+    rows_path = out / "eval" / "expert" / "gsm8k.jsonl"
+    lines = open(rows_path).read().splitlines(keepends=True)
+    open(rows_path, "w").write(lines[0])
+    open(f"{rows_path}.rank1", "w").write(lines[2] + lines[1][:25])
+    (out / "sample_config.json").write_text(json.dumps({"config": {"expert": runs.expert}}))  # no --model: this expert
+    code, err = run_inprocess([*runs.args[2:], "--adapter", "none", "--out-dir", out], capsys, monkeypatch)
+    assert code == 0, err
+    assert open(rows_path).read() == "".join(lines) and not os.path.exists(f"{rows_path}.rank1")
+    page = open(out / "eval" / "report.html").read()
+    assert "<th>expert</th><th>expert+lora</th>" in page  # the page shows every model in out/eval
+
+
+# -----------------------------------------------------------------------------
+# the toolkit's code-execution rounds, with a stub model that reads its prompt
+
+
+class CharTokenizer:
+    """One id per character, so a stub model sees exactly the text it is given."""
+    pad_token_id = 0
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [ord(c) for c in text]}
+
+
+def stub_model(monkeypatch, reply, context=10**6):
+    """E.generate replaced by reply(prompt text) -> completion text; returns the list of calls."""
+    calls = []
+
+    def generate(net, tok, prompts, stop_ids, budgets, engine="generate"):
+        texts = ["".join(map(chr, p)) for p in prompts]
+        calls.append((texts, budgets))
+        return [reply(t) for t in texts], sum(budgets)
+    monkeypatch.setattr(E, "generate", generate)
+    return SimpleNamespace(config=SimpleNamespace(max_position_embeddings=context)), calls
+
+
+def test_a_turn_ending_on_code_runs_it_appends_the_output_and_generation_goes_on(monkeypatch):
+    def reply(prompt):
+        if "product" in prompt and "```output" not in prompt:
+            return "Let me compute.\n```python\nx = 6 * 7\nprint(x)\n```\n\n"
+        return "So the answer is \\boxed{42}." if "product" in prompt else "It is \\boxed{2}.\n```python\nprint(1)\n```"
+    net, calls = stub_model(monkeypatch, reply)
+    texts, rounds, _ = E.solve(net, CharTokenizer(), [0], ["What is the product of 6 and 7?", "1+1?"])
+    assert texts[0] == "Let me compute.\n```python\nx = 6 * 7\nprint(x)\n```\n```output\n42\n```\nSo the answer is \\boxed{42}."
+    assert texts[1] == "It is \\boxed{2}.\n```python\nprint(1)\n```"  # a boxed answer: no code is run
+    assert rounds == [1, 0] and len(calls) == 2 and len(calls[1][0]) == 1  # only the first goes on
+    assert calls[1][0][0] == E.PROMPT.format(question="What is the product of 6 and 7?") + texts[0].split("So the")[0]
+
+
+def test_four_rounds_at_most_then_the_toolkits_limit_line(monkeypatch):
+    net, calls = stub_model(monkeypatch, lambda prompt: "```python\nprint(len('" + "x" * prompt.count("```output") + "'))\n```")
+    texts, rounds, _ = E.solve(net, CharTokenizer(), [0], ["loop"])
+    assert rounds == [4] and len(calls) == 4
+    assert texts[0].endswith("```\n```output\n3\n```\n\nReach max function call limit.")
+
+
+def test_no_code_exec_grades_the_completion_as_it_stands(monkeypatch):
+    net, calls = stub_model(monkeypatch, lambda prompt: "```python\nprint(42)\n```")
+    monkeypatch.setattr(E, "no_code_exec", True)
+    assert E.solve(net, CharTokenizer(), [0], ["q"])[:2] == (["```python\nprint(42)\n```"], [0]) and len(calls) == 1
+
+
+def test_every_call_may_write_max_new_tokens_within_the_models_context(monkeypatch):
+    prompt = E.PROMPT.format(question="q")
+    net, calls = stub_model(monkeypatch, lambda p: "```python\nprint(1)\n```", context=len(prompt) + 40)
+    texts, rounds, _ = E.solve(net, CharTokenizer(), [0], ["q"])
+    # 22 characters of code and 17 of output: 1 left for the second call, none for a third
+    assert [budgets for _, budgets in calls] == [[40], [1]] and rounds == [2]
+
+
+def test_out_of_memory_ends_in_one_line_naming_the_flag(monkeypatch, capsys):
+    def generate(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    monkeypatch.setattr(E, "generate", generate)
+    with pytest.raises(SystemExit) as e:
+        E.solve(SimpleNamespace(config=SimpleNamespace()), CharTokenizer(), [0], ["q"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "--batch-size" in err
+
+
+# -----------------------------------------------------------------------------
+# the executor: the toolkit's program extraction and report, in a separate process
+
+
+def test_program_extraction_follows_the_toolkits_trajectory():
+    text = ("prompt\n```python\nimport math\nfrom sympy import S\nx = 1/0\n```\n```output\nZeroDivisionError: division by zero\n```\n"
+            "Again.\n```python\ny = 2\nprint(y)\n```\n```output\n2\n```\nLast.\n```python\nprint(y + 1)\n```")
+    assert E.extract_program(text) == "import math\nfrom sympy import S\ny = 2\n\nprint(y + 1)\n"
+    assert E.extract_program("```python\n```python\n```") == "raise ValueError('Invalid trajectory')"
+    assert E.extract_program("no code") == ""
+
+
+@pytest.mark.parametrize("program,expected", [
+    ("x = 6 * 7\nprint(x)", "42"),
+    ("x = 6 * 7\nx + 1", "43"),  # no print on the last line: its value
+    ("print()", "Done"),  # nothing printed: the report
+    ("print(y)", "NameError: name 'y' is not defined"),  # the last line of the traceback
+    ("x = input()\nprint(x)", "RuntimeError"),  # the toolkit refuses input()
+    ("if __name__ == '__main__':\n    print(1)", "Done"),  # globals start empty: __name__ is "builtins"
+    ("print('a' * 1000)", "a" * 200 + "..." + "a" * 200),
+    ("(i for i in range(3))", "TypeError: cannot pickle 'generator' object"),
+])
+def test_the_executor_reports_what_the_toolkits_does(program, expected):
+    assert E.run_program(program) == expected
+
+
+def test_a_program_that_hangs_crashes_or_floods_costs_one_answer(monkeypatch):
+    monkeypatch.setattr(E, "CODE_TIMEOUT", 0.5)
+    monkeypatch.setattr(E, "CODE_MEMORY", 256 << 20)
+    assert E.run_program("while True:\n    pass\nprint(1)") == "timeout_decorator.timeout_decorator.TimeoutError: 'Timed Out'"
+    assert E.run_program("while True:\n    pass") == "IndentationError: expected an indented block after 'while' statement on line 1"
+    stuck = "import signal\nsignal.signal(signal.SIGALRM, signal.SIG_IGN)\nwhile True:\n    pass\nprint(1)"
+    assert E.run_program(stuck) == "Timeout Error"  # deaf to its alarm (as in C code): killed from outside
+    assert E.run_program("import ctypes\nprint(ctypes.string_at(0))").startswith("RuntimeError: the program ended")
+    assert E.run_program("import os\nwhile True: os.write(1, b'x' * 65536)\nprint(1)").startswith("RuntimeError: the program ended")
+    assert E.run_program("while True: print('x' * 10**8)") == "MemoryError"
+    assert E.run_program("open('f', 'w').write('x')\nprint(1)") == "1" and not os.path.exists("f")  # in a temporary dir
+
+
+# -----------------------------------------------------------------------------
+# continuous batching: same tokens, and every prompt back in order or one line
+
+
+def test_continuous_batching_gives_the_same_completions_as_padded_batches(tiny_models):
+    from common import load_model, load_tokenizer, stop_token_ids
+    tok = load_tokenizer(tiny_models["expert"])
+    net = load_model(tiny_models["expert"], "cpu", torch.float32)
+    stop = stop_token_ids(tok, net)
+    questions = ["What is 2+2?", "A train leaves at 3 pm and travels 60 miles per hour. When does it arrive?", "Hi"]
+    prompts = [tok(E.PROMPT.format(question=q), add_special_tokens=False)["input_ids"] for q in questions]
+    padded = E.generate(net, tok, prompts, stop, [12, 5, 12], engine="generate")
+    continuous = E.generate(net, tok, prompts, stop, [12, 5, 12], engine="continuous")
+    assert padded == continuous and padded[1] > 0
+
+    results = [SimpleNamespace(error=None, prompt_ids=p, generated_tokens=[1, 2]) for p in prompts]
+    failed = [SimpleNamespace(error="RuntimeError: cache full", prompt_ids=p, generated_tokens=[]) for p in prompts]
+    for broken in (results[:2], results[::-1], failed):  # one missing, out of order, failed
+        net.generate_batch = lambda *args, broken=broken, **kwargs: {str(k): r for k, r in enumerate(broken)}
+        with pytest.raises(SystemExit) as e:
+            E.generate(net, tok, prompts, stop, [4] * 3, engine="continuous")
+        assert e.value.code == 2
+
+
+# -----------------------------------------------------------------------------
+# out/eval/report.html
+
+
+class Page(html.parser.HTMLParser):
+    def __init__(self, text):
+        super().__init__()
+        self.tags, self.text = [], []
+        self.feed(text)
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs)))
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+def test_report_shows_the_table_and_the_differing_verdicts_escaped(tmp_path):
+    evil = "<script>alert(1)</script><img src=x onerror=alert(2)>"
+    for tag, answers in (("m", [True, True, False]), ("m+lora", [True, False, True])):
+        os.makedirs(tmp_path / tag)
+        rows = [dict(idx=i, question=f"{evil} question {i}", gt="5", completion=f"{evil} \\boxed{{{i}}}", pred=evil,
+                     correct=ok, rounds=0, timed_out=False) for i, ok in enumerate(answers)]
+        (tmp_path / tag / "gsm8k.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (tmp_path / tag / "summary.json").write_text(json.dumps({"gsm8k": dict(n=3, correct=sum(answers),
+                                                                                accuracy=round(100 * sum(answers) / 3, 2))}))
+    page = Page(E.report_page(str(tmp_path)))
+    assert not [t for t, _ in page.tags if t in ("script", "img")] and not any("onerror" in a for _, a in page.tags)
+    assert [t for t, _ in page.tags].count("details") == 2 and not any("open" in a for t, a in page.tags if t == "details")
+    text = "".join(page.text)
+    assert f"{evil} question 1" in text and f"{evil} question 2" in text and f"{evil} question 0" not in text
+    assert "66.7 +0.0" in text.replace("\n", " ") and "2 verdicts differ between m and m+lora" in text
+
+
+# -----------------------------------------------------------------------------
+# mistakes end in one line and exit code 2, stale or shared rows are refused
+
+
+def one_line_error(code, err, *words):
+    assert code == 2 and err.count("\n") == 1 and err.startswith("error:") and "Traceback" not in err, err
+    for w in words:
+        assert w in err, err
+
+
+def write_bench(tmp_path, lines, mode="w"):
+    os.makedirs(tmp_path / "data" / "gsm8k", exist_ok=True)
+    with open(tmp_path / "data" / "gsm8k" / "test.jsonl", mode + ("b" if isinstance(lines, bytes) else "")) as f:
+        f.write(lines)
+    return ["--bench", "gsm8k", "--data-dir", tmp_path / "data", "--out-dir", tmp_path / "out"]
+
+
+@pytest.mark.parametrize("idx", ["true", "0.0", "[1]", "{}"])
+def test_an_idx_that_is_no_whole_number_is_refused_in_benchmark_files(idx, tmp_path, capsys, monkeypatch):
+    args = write_bench(tmp_path, '{"question": "q", "answer": "#### 1"}\n{"idx": %s, "question": "q", "answer": "#### 1"}\n' % idx)
+    one_line_error(*run_inprocess([*args, "--completions", "c.jsonl"], capsys, monkeypatch), "test.jsonl:2", "idx")
+
+
+@pytest.mark.parametrize("content,words", [
+    ('{"idx": true, "completion": "1"}\n', ["c.jsonl:1", "idx true"]),  # today: graded as problem 1
+    ('{"idx": 0.0, "completion": "1"}\n', ["c.jsonl:1", "idx 0.0"]),
+    ('{"idx": 0, "completion": "\\ud800"}\n', ["c.jsonl:1", "surrogate"]),
+    ('', ["holds no completions"]),
+    ('\n\n', ["holds no completions"]),
+])
+def test_a_bad_completions_file_is_refused_by_line(content, words, tmp_path, capsys, monkeypatch):
+    (tmp_path / "c.jsonl").write_text(content)
+    one_line_error(*run_inprocess(["--bench", "gsm8k", "--completions", tmp_path / "c.jsonl", "--data-dir", EVAL_DATA,
+                                   "--out-dir", tmp_path], capsys, monkeypatch), *words)
+
+
+def test_binary_duplicate_and_directory_files(tmp_path, capsys, monkeypatch):
+    args = write_bench(tmp_path, b'{"question": "q", "answer": "#### 1"}\n\x89PNG\r\n\x1a\n\xff\xfe')
+    one_line_error(*run_inprocess([*args, "--completions", "c.jsonl"], capsys, monkeypatch), "test.jsonl:2", "UTF-8")
+    args = write_bench(tmp_path, '{"idx": 3, "question": "q", "answer": "#### 1"}\n{"idx": 3, "question": "q", "answer": "#### 1"}\n')
+    one_line_error(*run_inprocess([*args, "--completions", "c.jsonl"], capsys, monkeypatch), "test.jsonl:2", "twice")
+    one_line_error(*run_inprocess(["--bench", "gsm8k", "--data-dir", EVAL_DATA, "--completions", tmp_path],
+                                  capsys, monkeypatch), "directory")
+
+
+def test_non_finite_grade_timeout(capsys, monkeypatch):
+    one_line_error(*run_inprocess(["--bench", "gsm8k", "--grade-timeout", "nan"], capsys, monkeypatch), "--grade-timeout")
+
+
+def test_stale_rows_are_refused_naming_what_differs(tiny_models, tmp_path, capsys, monkeypatch):
+    args = ["--model", tiny_models["expert"], "--bench", "gsm8k", "--data-dir", EVAL_DATA, "--adapter", "none",
+            "--out-dir", tmp_path, "--max-new-tokens", 8]
+    tag_dir = tmp_path / "eval" / "expert"
+    os.makedirs(tag_dir)
+    (tag_dir / "gsm8k.jsonl").write_text("")
+    one_line_error(*run_inprocess(args, capsys, monkeypatch), "no run.json")
+    other = dict(model=str(tmp_path / "elsewhere" / "expert"), adapter=None, dtype="torch.float32", max_new_tokens=16,
+                 engine="generate", code_exec=True, prompt=E.PROMPT)
+    (tag_dir / "run.json").write_text(json.dumps(other))
+    one_line_error(*run_inprocess(args, capsys, monkeypatch), "model, max_new_tokens", str(tag_dir))
+
+
+def test_a_model_being_evaluated_in_the_same_out_dir_is_refused(tiny_models, tmp_path, capsys, monkeypatch):
+    from common import lock_dir
+    os.makedirs(tmp_path / "eval" / "vllm_out")
+    lock_dir(str(tmp_path / "eval" / "vllm_out"), "evaluate")  # held by this process as another run would
+    (tmp_path / "vllm_out.jsonl").write_text('{"idx": 0, "completion": "1"}\n')
+    one_line_error(*run_inprocess(["--bench", "gsm8k", "--completions", tmp_path / "vllm_out.jsonl", "--data-dir", EVAL_DATA,
+                                   "--out-dir", tmp_path], capsys, monkeypatch), "in use")
+
+
+def test_grading_that_runs_out_of_time_counts_wrong_and_is_counted(tmp_path, capsys, monkeypatch):
+    slow = "\\boxed{\\frac{\\sqrt{\\sqrt{11}+\\sqrt{194}}}{2\\sqrt{33}+15}}"
+    (tmp_path / "c.jsonl").write_text(json.dumps({"idx": 0, "completion": slow}) + "\n" +
+                                      json.dumps({"idx": 1, "completion": "\\boxed{3}"}) + "\n")
+    code, err = run_inprocess(["--bench", "gsm8k", "--completions", tmp_path / "c.jsonl", "--data-dir", EVAL_DATA,
+                               "--out-dir", tmp_path, "--grade-timeout", 0.01], capsys, monkeypatch)
+    assert code == 0, err
+    rows = rows_of(tmp_path / "eval" / "c" / "gsm8k.jsonl")
+    assert [(r["line"], r["correct"], r["timed_out"]) for r in rows][0] == (1, False, True)
+    assert json.load(open(tmp_path / "eval" / "c" / "summary.json"))["gsm8k"]["grade_timeouts"] >= 1
