@@ -153,6 +153,12 @@ def lock_dir(path, name):
 _LOCKS = []
 
 
+def release_locks():
+    """Let go of every lock this process took, as its end would (for a script run in-process, e.g. by a test)."""
+    while _LOCKS:
+        _LOCKS.pop().close()
+
+
 def make_dir(path, what="--out-dir"):
     """os.makedirs with a one-line error when a file stands where the directory should be."""
     try:

@@ -110,7 +110,10 @@ def run_torchrun(script, *args, nproc=2, cwd=None, check=True, timeout=600):
            os.path.join(ROOT, script), *map(str, args)]
     proc = subprocess.run(cmd, cwd=cwd or ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
-        raise AssertionError(f"torchrun {script} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+        # the ranks' own output first (the launcher's report at the end only names the exit codes)
+        report = proc.stderr.rfind("Traceback (most recent call last)", 0, proc.stderr.rfind("ChildFailedError"))
+        ranks = proc.stderr[:report if report > 0 else len(proc.stderr)]
+        raise AssertionError(f"torchrun {script} failed ({proc.returncode}):\n{ranks[-6000:]}\n...\n{proc.stderr[-1500:]}")
     return proc
 
 

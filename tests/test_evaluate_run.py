@@ -37,9 +37,7 @@ def run_inprocess(args, capsys, monkeypatch):
         code = e.code
     finally:
         torch.set_num_threads(threads)
-        for f in common._LOCKS:  # the run's out-dir locks, released as its process would at exit
-            f.close()
-        common._LOCKS.clear()
+        common.release_locks()  # the run's out-dir locks, released as its process would at exit
     return code, capsys.readouterr().err
 
 

@@ -195,7 +195,7 @@ def run_main(script, args, capsys, all_lines=False):
     """Run a stage script in this process (no interpreter start-up): (exit code, stdout, last stderr
     line, or all of them but the progress bar's). The out-dir lock it takes is released afterwards,
     as the end of its process would."""
-    argv, n_locks = sys.argv, len(common._LOCKS)
+    argv = sys.argv
     sys.argv = [script, *map(str, args)]
     code = 0
     try:
@@ -204,8 +204,7 @@ def run_main(script, args, capsys, all_lines=False):
         code = e.code
     finally:
         sys.argv = argv
-        while len(common._LOCKS) > n_locks:
-            common._LOCKS.pop().close()
+        common.release_locks()
     out, err = capsys.readouterr()
     err = [line for line in err.splitlines() if line.strip() and not line.startswith(("sampling", "\r"))]
     return code, out, err if all_lines else err[-1] if err else ""
@@ -600,7 +599,7 @@ def test_a_second_run_on_a_locked_out_dir_stops_in_one_line(tiny_models, tmp_pat
     try:
         proc = run_script("sample.py", *sample_args(tiny_models, tmp_path), check=False)
     finally:
-        common._LOCKS.pop().close()
+        common.release_locks()
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         f"error: {tmp_path} is in use by another sample run (pid {os.getpid()}); wait for it to end, or pass another --out-dir"]

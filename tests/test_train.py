@@ -49,8 +49,7 @@ def train_main(*args):
         return runpy.run_path(os.path.join(ROOT, "train.py"), run_name="__main__")
     finally:
         sys.argv = argv
-        while common._LOCKS:
-            common._LOCKS.pop().close()
+        common.release_locks()
 
 
 def dies(capsys, *args):
