@@ -16,9 +16,13 @@ import socket
 import sys
 import urllib.parse
 import urllib.request
+import warnings
 
 import torch
 import torch.distributed as dist
+
+# peft on transformers 5 warns about a renamed transformers method each time it wraps a model: not ours
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 # -----------------------------------------------------------------------------
 # errors
