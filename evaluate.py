@@ -886,6 +886,21 @@ def print_table(results):
 # what to evaluate: runs (tag, adapter, the run.json record of how its rows are made) and their jobs
 
 
+def check_flags():
+    """The benchmarks of --bench, once every flag makes sense (else one line, exit 2)."""
+    names = BENCHMARKS if bench == "all" else [b.strip() for b in bench.split(",") if b.strip()]
+    for b in names:
+        if b not in BENCHMARKS:
+            die(f"unknown benchmark {b!r}; choose from {', '.join(BENCHMARKS)} (a comma list) or all")
+    if limit != "" and not (limit.isdigit() and int(limit) >= 1):
+        die(f"--limit {limit} must be a whole number ≥ 1 (leave it out to evaluate every problem)")
+    if max_new_tokens < 1 or batch_size < 0 or grade_timeout <= 0:
+        die("--max-new-tokens must be ≥ 1, --batch-size ≥ 0 (0: sized for the device), --grade-timeout > 0")
+    if completions and len(names) != 1:
+        die("--completions grades one benchmark; pass --bench with a single name")
+    return names
+
+
 def saved_runs(name, cut):
     """--completions: one run named after the file, a job per line of it (a problem may have several)."""
     path, problems = load_benchmark(name, data_dir)
@@ -939,16 +954,7 @@ def merge_adapter(net, path):
 # -----------------------------------------------------------------------------
 if __name__ == "__main__":
     globals().update(parse_flags({k: globals()[k] for k in config_keys}, __doc__))
-    names = BENCHMARKS if bench == "all" else [b.strip() for b in bench.split(",") if b.strip()]
-    for b in names:
-        if b not in BENCHMARKS:
-            die(f"unknown benchmark {b!r}; choose from {', '.join(BENCHMARKS)} (a comma list) or all")
-    if limit != "" and not (limit.isdigit() and int(limit) >= 1):
-        die(f"--limit {limit} must be a whole number ≥ 1 (leave it out to evaluate every problem)")
-    if max_new_tokens < 1 or batch_size < 0 or grade_timeout <= 0:
-        die("--max-new-tokens must be ≥ 1, --batch-size ≥ 0 (0: sized for the device), --grade-timeout > 0")
-    if completions and len(names) != 1:
-        die("--completions grades one benchmark; pass --bench with a single name")
+    names = check_flags()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # we fork grading workers; keep tokenizers quiet
     grader = Grader(grade_timeout)  # forks its worker now, before anything touches CUDA
     dev = init_distributed(device)
