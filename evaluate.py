@@ -47,7 +47,6 @@ completions = ""  # grade this JSONL of {"idx", "completion"} instead of generat
 limit = ""  # evaluate only the first N problems of each benchmark ("" = all)
 max_new_tokens = 2048  # new tokens per call of the model (toolkit: 2048 per call, up to 4 calls)
 batch_size = 0  # prompts generated together (per process); 0 = 64 on a GPU, 16 on the CPU
-engine = "generate"  # "generate" (left-padded batches) or "continuous" (transformers' generate_batch)
 no_code_exec = False  # do not run the model's Python blocks (toolkit: runs them, up to 4 rounds)
 grade_timeout = 3.0  # seconds one answer comparison may take before it counts as wrong (toolkit: 3)
 data_dir = "data"  # benchmark files: <data_dir>/<bench>/test.jsonl
@@ -768,31 +767,18 @@ def run_program(program):
 
 
 # -----------------------------------------------------------------------------
-# generation
+# generation: the toolkit's rounds of greedy decoding with the model's code run in between
 
 
 @torch.no_grad()
-def generate(net, tok, prompts, stop_ids, budgets, engine="generate"):
-    """Greedy completions of a batch of prompts (lists of token ids), each cut at its first stop token
-    and after its own budget of new tokens -> (texts, new tokens). engine "generate": one left-padded
-    batch through model.generate; "continuous": transformers' continuous batching (generate_batch),
-    which refills finished rows with waiting prompts. Both give the same tokens (tests)."""
+def generate(net, tok, prompts, stop_ids, budgets):
+    """Greedy completions of prompts (lists of token ids) in one left-padded batch, each cut at its first
+    stop token and after its own budget of new tokens -> (texts, new tokens)."""
     config = greedy_config(max(budgets), stop_ids, tok.pad_token_id)  # greedy whatever the model ships
-    if engine == "continuous":  # on the CPU a cache sized for these prompts (not for most of the RAM)
-        from transformers import ContinuousBatchingConfig
-        cache = None if net.device.type == "cuda" else ContinuousBatchingConfig(
-            num_blocks=sum(-(-(len(p) + max(budgets)) // 256) for p in prompts))
-        results = list(net.generate_batch(prompts, generation_config=config, continuous_batching_config=cache,
-                                          progress_bar=False).values())
-        if len(results) != len(prompts) or any(r.error or list(r.prompt_ids) != p for r, p in zip(results, prompts)):
-            die(f"continuous batching returned {len(results)} of {len(prompts)} completions, out of order or with an error "
-                f"({next((r.error for r in results if r.error), 'none given')}); run with --engine generate", every_rank=True)
-        out = [list(r.generated_tokens) for r in results]
-    else:
-        width, dev = max(map(len, prompts)), net.device
-        input_ids = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p in prompts], device=dev)  # (B, T)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=dev)  # (B, T)
-        out = net.generate(input_ids=input_ids, attention_mask=mask, generation_config=config)[:, width:].tolist()
+    width, dev = max(map(len, prompts)), net.device
+    input_ids = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p in prompts], device=dev)  # (B, T)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=dev)  # (B, T)
+    out = net.generate(input_ids=input_ids, attention_mask=mask, generation_config=config)[:, width:].tolist()
     texts, n_tokens = [], 0
     for row, budget in zip(out, budgets):
         cut = next((i for i, t in enumerate(row[:budget]) if t in stop_ids), len(row[:budget]))
@@ -812,17 +798,17 @@ def solve(net, tok, stop_ids, questions):
     for r in range(MAX_ROUNDS):
         ids = {i: tok(prompts[i] + texts[i], add_special_tokens=False)["input_ids"] for i in todo}
         todo = [i for i in todo if len(ids[i]) < context]  # a full context ends a completion
+        if not todo:
+            break
         try:
             outs, n = generate(net, tok, [ids[i] for i in todo], stop_ids,
-                               [min(max_new_tokens, context - len(ids[i])) for i in todo], engine) if todo else ([], 0)
+                               [min(max_new_tokens, context - len(ids[i])) for i in todo])
         except torch.cuda.OutOfMemoryError:
             die(f"CUDA out of memory generating {len(todo)} prompts at once; pass a smaller --batch-size", every_rank=True)
-        n_tokens, runs = n_tokens + n, []
+        n_tokens += n
         for i, out in zip(todo, outs):
             texts[i] += out.rstrip()
-            if not no_code_exec and "boxed" not in out and out.rstrip().endswith("```"):
-                runs.append(i)
-        todo = runs
+        todo = [i for i, out in zip(todo, outs) if not no_code_exec and "boxed" not in out and out.rstrip().endswith("```")]
         for i in todo:  # one by one, as the toolkit
             texts[i] += f"\n```output\n{run_program(extract_program(prompts[i] + texts[i]))}\n```\n"
             texts[i] += "\nReach max function call limit." if r == MAX_ROUNDS - 1 else ""
@@ -834,25 +820,25 @@ def solve(net, tok, stop_ids, questions):
 # grading and writing rows: one path for generated and saved completions, for one or many processes
 
 
-def key_of(row):  # a problem's idx; a completions file may hold several lines per problem: its line number
+def key_of(row):  # a job's or row's key: its idx; a completions file may hold several lines per idx: its line
     return row.get("line", row["idx"])
 
 
 def run_jobs(name, jobs, rows_path, grader, desc, make=None):
-    """Grade `jobs` (problems with a unique "key" and a "completion", or make(batch) -> (completions,
+    """Grade `jobs` (problems with a "completion", or make(batch) -> (completions,
     programs run, new tokens) writes them) into rows_path, keeping rows already there. Under torchrun
     the batches are dealt out (batch k to rank k mod N); each rank appends its rows to its own part
     file, rank 0 merges them. -> (rows of these jobs on rank 0, new tokens)"""
     if master:
-        merge_parts(rows_path, key_of, [j["key"] for j in jobs])  # what a killed run left (any number of processes)
+        merge_parts(rows_path, key_of, list(map(key_of, jobs)))  # what a killed run left (any number of processes)
     barrier()
     done = {key_of(r) for r in complete_lines(rows_path)}
-    order = sorted(jobs, key=lambda j: -j.get("len", 0))  # similar prompt lengths share a batch: little padding
+    order = sorted(jobs, key=lambda j: -len(j["question"]))  # similar lengths share a batch: little padding
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)][RANK::WORLD_SIZE]
     part, n_tokens, graded, correct, t0 = f"{rows_path}.rank{RANK}", 0, 0, 0, time.time()
     bar = tqdm(total=sum(map(len, batches)), desc=desc, unit="problem", dynamic_ncols=True, disable=not master)
     for batch in batches:
-        todo = [j for j in batch if j["key"] not in done]
+        todo = [j for j in batch if key_of(j) not in done]
         texts, rounds, n = make(todo) if make and todo else ([j.get("completion") for j in todo], [0] * len(todo), 0)
         rows = []
         for j, text, k in zip(todo, texts, rounds):
@@ -865,13 +851,13 @@ def run_jobs(name, jobs, rows_path, grader, desc, make=None):
         bar.set_postfix(acc=f"{100 * correct / max(graded, 1):.1f}%", tok_s=f"{n_tokens / (time.time() - t0):.0f}")
     bar.close()
     barrier()
-    rows = merge_parts(rows_path, key_of, [j["key"] for j in jobs]) if master else {}
-    return [rows[j["key"]] for j in jobs if j["key"] in rows], n_tokens
+    rows = merge_parts(rows_path, key_of, list(map(key_of, jobs))) if master else {}
+    return [rows[key_of(j)] for j in jobs if key_of(j) in rows], n_tokens
 
 
 def save_summary(tag_dir, name, rows):
     """One benchmark's totals in summary.json: accuracy, answers whose grading ran out of time (they count
-    as wrong), and how many completions ran 0, 1, ..., MAX_ROUNDS programs. -> (n, correct)"""
+    as wrong), and how many completions ran 0, 1, ..., MAX_ROUNDS programs. -> these totals"""
     path = os.path.join(tag_dir, "summary.json")
     summary = read_json(path) if os.path.exists(path) else {}
     n, correct = len(rows), sum(r["correct"] for r in rows)
@@ -879,77 +865,102 @@ def save_summary(tag_dir, name, rows):
                          grade_timeouts=sum(r["timed_out"] for r in rows),
                          code_rounds=[sum(r["rounds"] == k for r in rows) for k in range(MAX_ROUNDS + 1)])
     write_json(path, summary)
-    return n, correct
+    return summary[name]
 
 
 def print_table(results):
-    """results: {tag: {bench: (n, correct)}} -> benchmark, n, accuracy per model, the delta of two."""
-    tags = list(results)
-    lines = [(b, str(results[tags[0]][b][0]), [100 * results[t][b][1] / max(results[t][b][0], 1) for t in tags])
-             for b in BENCHMARKS if b in results[tags[0]]]
-    if len(lines) > 1:
-        lines.append(("average", "", [sum(acc[k] for _, _, acc in lines) / len(lines) for k in range(len(tags))]))
-    width = max(12, *(len(t) + 2 for t in tags))
-    print("benchmark".ljust(14) + "n".rjust(6) + "".join(t.rjust(width) for t in tags) + "delta".rjust(8) * (len(tags) == 2))
-    for b, n, acc in lines:
-        print(b.ljust(14) + n.rjust(6) + "".join(f"{a:.1f}".rjust(width) for a in acc)
-              + f"{acc[-1] - acc[0]:+.1f}".rjust(8) * (len(tags) == 2))
+    """results: {tag: {bench: totals}} -> benchmark, n, accuracy (%) per model, the delta of two models."""
+    tags, names = list(results), list(results[next(iter(results))])
+    rows = {b: (results[tags[0]][b]["n"], [100 * results[t][b]["correct"] / max(results[t][b]["n"], 1) for t in tags])
+            for b in names}
+    if len(names) > 1:
+        rows["average"] = ("", [sum(acc[k] for _, acc in rows.values()) / len(names) for k in range(len(tags))])
+    width, delta = max(12, *(len(t) + 2 for t in tags)), len(tags) == 2
+    print("benchmark".ljust(14) + "n".rjust(6) + "".join(t.rjust(width) for t in tags) + "delta".rjust(8) * delta)
+    for b, (n, acc) in rows.items():
+        print(b.ljust(14) + str(n).rjust(6) + "".join(f"{a:.1f}".rjust(width) for a in acc)
+              + f"{acc[-1] - acc[0]:+.1f}".rjust(8) * delta)
 
 
 # -----------------------------------------------------------------------------
-if __name__ == "__main__":
-    globals().update(parse_flags({k: globals()[k] for k in config_keys}, __doc__))
+# what to evaluate: runs (tag, adapter, the run.json record of how its rows are made) and their jobs
+
+
+def check_flags():
+    """The benchmarks of --bench, once every flag makes sense (else one line, exit 2)."""
     names = BENCHMARKS if bench == "all" else [b.strip() for b in bench.split(",") if b.strip()]
     for b in names:
         if b not in BENCHMARKS:
             die(f"unknown benchmark {b!r}; choose from {', '.join(BENCHMARKS)} (a comma list) or all")
     if limit != "" and not (limit.isdigit() and int(limit) >= 1):
         die(f"--limit {limit} must be a whole number ≥ 1 (leave it out to evaluate every problem)")
-    if engine not in ("generate", "continuous"):
-        die(f"--engine {engine} is not one of: generate, continuous")
     if max_new_tokens < 1 or batch_size < 0 or grade_timeout <= 0:
         die("--max-new-tokens must be ≥ 1, --batch-size ≥ 0 (0: sized for the device), --grade-timeout > 0")
     if completions and len(names) != 1:
         die("--completions grades one benchmark; pass --bench with a single name")
+    return names
+
+
+def saved_runs(name, cut):
+    """--completions: one run named after the file, a job per line of it (a problem may have several)."""
+    path, problems = load_benchmark(name, data_dir)
+    by_idx, wanted, jobs = {p["idx"]: p for p in problems}, {p["idx"] for p in problems[:cut]}, []
+    for n, row in read_jsonl(completions, "completions file", with_lines=True):
+        if "idx" not in row or not isinstance(row.get("completion"), str):
+            die(f"{completions}:{n}: a line needs \"idx\" and a string \"completion\", like "
+                "{\"idx\": 0, \"completion\": \"... \\\\boxed{18}\"}")
+        if check_idx(row["idx"], f"{completions}:{n}") not in by_idx:
+            die(f"{completions}:{n}: idx {row['idx']!r} is not a problem of {name} ({path})")
+        if row["idx"] in wanted:
+            jobs.append(dict(by_idx[row["idx"]], line=n, completion=row["completion"]))
+    if not jobs:
+        die(f"{completions} holds no completions{f' of the first {cut} problems' if cut else ''}; "
+            "write one {\"idx\": ..., \"completion\": ...} per line")
+    record = dict(completions=os.path.abspath(completions),
+                  sha256=hashlib.sha256(read_bytes(completions, "completions file")).hexdigest())
+    return [(os.path.splitext(os.path.basename(completions))[0], None, record)], {name: jobs}
+
+
+def model_runs(names, cut, dev):
+    """The base model (--model, else the expert of sample.py's run) and, with an adapter (--adapter, else
+    out/lora when train.py wrote it), the base model with the adapter merged in: the same jobs for both."""
+    config_path, default_adapter = os.path.join(out_dir, "sample_config.json"), os.path.join(out_dir, "lora")
+    base = model or (read_json(config_path).get("config", {}).get("expert") if os.path.exists(config_path) else None) \
+        or "Qwen/Qwen2.5-Math-1.5B"
+    adapter_dir = None if adapter == "none" else adapter or (default_adapter if os.path.isdir(default_adapter) else None)
+    if adapter_dir is not None and not os.path.isfile(os.path.join(adapter_dir, "adapter_config.json")):
+        die(f"{adapter_dir} is not a peft adapter (no adapter_config.json); pass the directory train.py "
+            "wrote (out/lora) or --adapter none")
+    where = lambda p: os.path.abspath(p) if os.path.isdir(p) else p  # noqa: E731 (a local directory, or a hub id)
+    record = dict(model=where(base), adapter=None, dtype=str(pick_dtype(dtype, dev)), max_new_tokens=max_new_tokens,
+                  code_exec=not no_code_exec, prompt=PROMPT)
+    runs = [(os.path.basename(os.path.normpath(base)), None, record)]
+    if adapter_dir:
+        tag = f"{runs[0][0]}+{os.path.basename(os.path.normpath(adapter_dir))}"
+        runs.append((tag, adapter_dir, dict(record, adapter=where(adapter_dir))))
+    return runs, {name: load_benchmark(name, data_dir)[1][:cut] for name in names}
+
+
+def merge_adapter(net, path):
+    """The LoRA adapter merged into the weights, as the paper's merge.py does before bf16 inference."""
+    from peft import PeftModel
+    try:
+        return PeftModel.from_pretrained(net, path).merge_and_unload().eval()
+    except Exception as e:  # a mismatched adapter fails in many ways (sizes, module names, files)
+        die(f"cannot apply the adapter {path} to {net.name_or_path}: "
+            f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}")
+
+
+# -----------------------------------------------------------------------------
+if __name__ == "__main__":
+    globals().update(parse_flags({k: globals()[k] for k in config_keys}, __doc__))
+    names = check_flags()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # we fork grading workers; keep tokenizers quiet
     grader = Grader(grade_timeout)  # forks its worker now, before anything touches CUDA
     dev = init_distributed(device)
     batch_size = batch_size or (64 if dev.startswith("cuda") else 16)
     t_start, cut = time.time(), int(limit) if limit else None
-
-    # ---- what to grade: saved completions (no model), or the base model and base + adapter (merged)
-    if completions:
-        path, problems = load_benchmark(names[0], data_dir)
-        by_idx, wanted, jobs = {p["idx"]: p for p in problems}, {p["idx"] for p in problems[:cut]}, []
-        for n, row in read_jsonl(completions, "completions file", with_lines=True):
-            if "idx" not in row or not isinstance(row.get("completion"), str):
-                die(f"{completions}:{n}: a line needs \"idx\" and a string \"completion\", like "
-                    "{\"idx\": 0, \"completion\": \"... \\\\boxed{18}\"}")
-            if check_idx(row["idx"], f"{completions}:{n}") not in by_idx:
-                die(f"{completions}:{n}: idx {row['idx']!r} is not a problem of {names[0]} ({path})")
-            if row["idx"] in wanted:
-                jobs.append(dict(by_idx[row["idx"]], key=n, line=n, completion=row["completion"]))
-        if not jobs:
-            die(f"{completions} holds no completions{f' of the first {limit} problems' if limit else ''}; "
-                "write one {\"idx\": ..., \"completion\": ...} per line")
-        runs = [(os.path.splitext(os.path.basename(completions))[0], None, dict(completions=os.path.abspath(completions),
-                 sha256=hashlib.sha256(read_bytes(completions, "completions file")).hexdigest()))]
-    else:
-        benches = {name: load_benchmark(name, data_dir)[1][:cut] for name in names}
-        config_path = os.path.join(out_dir, "sample_config.json")
-        base = model or (read_json(config_path).get("config", {}).get("expert") if os.path.exists(config_path) else None) \
-            or "Qwen/Qwen2.5-Math-1.5B"
-        default_adapter = os.path.join(out_dir, "lora")
-        adapter_dir = None if adapter == "none" else adapter or (default_adapter if os.path.isdir(default_adapter) else None)
-        if adapter_dir is not None and not os.path.isfile(os.path.join(adapter_dir, "adapter_config.json")):
-            die(f"{adapter_dir} is not a peft adapter (no adapter_config.json); pass the directory train.py "
-                "wrote (out/lora) or --adapter none")
-        where = lambda p: os.path.abspath(p) if os.path.isdir(p) else p  # noqa: E731 (a local directory, or a hub id)
-        record = dict(model=where(base), adapter=None, dtype=str(pick_dtype(dtype, dev)), max_new_tokens=max_new_tokens,
-                      engine=engine, code_exec=not no_code_exec, prompt=PROMPT)
-        tag = os.path.basename(os.path.normpath(base))
-        runs = [(tag, None, record)] + ([(f"{tag}+{os.path.basename(os.path.normpath(adapter_dir))}", adapter_dir,
-                                          dict(record, adapter=where(adapter_dir)))] if adapter_dir else [])
+    runs, jobs = saved_runs(names[0], cut) if completions else model_runs(names, cut, dev)
     for tag, _, record in runs:  # one run per model at a time, resuming only rows made the same way
         tag_dir = make_dir(os.path.join(out_dir, "eval", tag))
         if master:
@@ -957,30 +968,23 @@ if __name__ == "__main__":
         check_record(os.path.join(tag_dir, "run.json"), record, glob.glob(os.path.join(glob.escape(tag_dir), "*.jsonl*")),
                      fix=f"pass another --out-dir, or delete {tag_dir} to start it over")
 
-    # ---- generate (or take) the completions, grade them, write rows and totals
+    # ---- generate (or take) the completions, grade them, write rows and totals, model by model
+    make = None  # saved completions are graded as they are
     if not completions:
-        tok = load_tokenizer(base)
-        net = load_model(base, dev, pick_dtype(dtype, dev))
+        tok = load_tokenizer(runs[0][2]["model"])
+        net = load_model(runs[0][2]["model"], dev, pick_dtype(dtype, dev))
         stop_ids = stop_token_ids(tok, net)
+        make = lambda batch: solve(net, tok, stop_ids, [j["question"] for j in batch])  # noqa: E731 (the current net)
     results, n_tokens = {}, 0
     for tag, adapter_path, _ in runs:
-        if adapter_path:  # merged into the weights, as the paper's merge.py does before bf16 inference
-            from peft import PeftModel
-            try:
-                net = PeftModel.from_pretrained(net, adapter_path).merge_and_unload().eval()
-            except Exception as e:  # a mismatched adapter fails in many ways (sizes, module names, files)
-                die(f"cannot apply the adapter {adapter_path} to {base}: "
-                    f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}")
-        results[tag] = {}
+        if adapter_path:
+            net = merge_adapter(net, adapter_path)
         for name in names:
-            if not completions:  # a problem's key is its idx; its prompt's length picks its batch
-                lengths = tok([PROMPT.format(question=p["question"]) for p in benches[name]], add_special_tokens=False)["input_ids"]
-                jobs = [dict(p, key=p["idx"], len=len(ids)) for p, ids in zip(benches[name], lengths)]
-            rows, n = run_jobs(name, jobs, os.path.join(out_dir, "eval", tag, f"{name}.jsonl"), grader, f"{tag} {name}",
-                               None if completions else lambda batch: solve(net, tok, stop_ids, [j["question"] for j in batch]))
+            rows, n = run_jobs(name, jobs[name], os.path.join(out_dir, "eval", tag, f"{name}.jsonl"), grader,
+                               f"{tag} {name}", make)
             n_tokens += n
             if master:
-                results[tag][name] = save_summary(os.path.join(out_dir, "eval", tag), name, rows)
+                results.setdefault(tag, {})[name] = save_summary(os.path.join(out_dir, "eval", tag), name, rows)
     grader.close()
     n_tokens, timeouts = map(int, sum_over_ranks([n_tokens, grader.timeouts], dev))
     eval_dir, wall = os.path.join(out_dir, "eval"), time.time() - t_start
@@ -1007,18 +1011,18 @@ def report_page(eval_dir):
 
     tags = sorted(t for t in os.listdir(eval_dir) if os.path.isfile(os.path.join(eval_dir, t, "summary.json")))
     summary = {t: load(os.path.join(eval_dir, t, "summary.json")) for t in tags}
-    pairs = [(t.rsplit("+", 1)[0], t) for t in tags if "+" in t and t.rsplit("+", 1)[0] in summary]
+    base_of = {t: t.rsplit("+", 1)[0] for t in tags if "+" in t and t.rsplit("+", 1)[0] in summary}
     names = [b for b in BENCHMARKS if any(b in s for s in summary.values())]
     html = ["<table><tr><th>benchmark</th>" + "".join(f"<th>{esc(t)}</th>" for t in tags) + "</tr>"]
     for b in names:
         html.append(f"<tr><td>{esc(b)}</td>")
         for t in tags:
-            s, base = summary[t].get(b), summary.get(dict((y, x) for x, y in pairs).get(t), {}).get(b)
+            s, base = summary[t].get(b), summary.get(base_of.get(t), {}).get(b)
             delta = f" <b>{s['accuracy'] - base['accuracy']:+.1f}</b>" if s and base else ""
             html.append(f"<td>{s['accuracy']:.1f}{delta} <span class=muted>n={esc(s['n'])}</span></td>" if s else "<td></td>")
         html.append("</tr>")
     html.append("</table><p class=muted>accuracy in %; in bold a tuned model's gain over its base model, in points</p>")
-    for base, tuned in pairs:
+    for tuned, base in base_of.items():
         for b in [b for b in names if b in summary[base] and b in summary[tuned]]:
             x, y = ({r["idx"]: r for r in load(os.path.join(eval_dir, t, f"{b}.jsonl"))} for t in (base, tuned))
             differ = [i for i in x if i in y and x[i]["correct"] != y[i]["correct"]]

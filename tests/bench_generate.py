@@ -1,13 +1,13 @@
 """
-Benchmark (not a test), for a GPU: generation tokens/s of evaluate.py's two engines on the full-size
-Qwen2.5-Math-1.5B architecture with random weights (no download needed): left-padded batches through
-model.generate vs transformers' continuous batching (model.generate_batch).
+Benchmark (not a test), for a GPU: generation tokens/s of evaluate.py's left-padded batches through
+model.generate, per batch size, on the full-size Qwen2.5-Math-1.5B architecture with random weights
+(no download needed): what --batch-size buys.
 
     python tests/bench_generate.py                    # on a CUDA GPU, bf16
     python tests/bench_generate.py --tiny             # a smoke run of the script on the CPU
 
 Random weights rarely emit an end token, so every completion runs to --max-new-tokens: this measures
-raw decoding throughput, not the gain continuous batching gets from completions of unequal length.
+raw decoding throughput, not what completions of unequal length cost a static batch.
 """
 import argparse
 import os
@@ -62,23 +62,14 @@ def padded(batch_size):
         ids = torch.tensor([[0] * (width - len(p)) + p for p in part], device=dev)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in part], device=dev)
         for row in model.generate(input_ids=ids, attention_mask=mask, generation_config=cfg)[:, width:].tolist():
-            n += next((i + 1 for i, t in enumerate(row) if t == 0), len(row))  # up to the end token, as generate_batch
+            n += next((i + 1 for i, t in enumerate(row) if t == 0), len(row))  # up to the end token
     return n
 
 
-@torch.no_grad()
-def continuous():
-    from transformers import ContinuousBatchingConfig  # on the CPU a cache sized for these prompts, as evaluate.py
-    cache = None if dev == "cuda" else ContinuousBatchingConfig(num_blocks=sum(-(-(len(p) + args.max_new_tokens) // 256) for p in prompts))
-    results = model.generate_batch(prompts, generation_config=cfg, continuous_batching_config=cache, progress_bar=False)
-    return sum(len(r.generated_tokens) for r in results.values())
-
-
-for name, fn in [(f"generate, batch {b}", lambda b=int(b): padded(b)) for b in args.batch_sizes.split(",")] + \
-                [("generate_batch (continuous)", continuous)]:
+for b in map(int, args.batch_sizes.split(",")):
     sync()
     t = time.perf_counter()
-    n = fn()
+    n = padded(b)
     sync()
     dt = time.perf_counter() - t
-    print(f"{name:30s} {n:8d} tokens {dt:8.1f} s {n / dt:10.1f} tokens/s")
+    print(f"generate, batch {b:<14d} {n:8d} tokens {dt:8.1f} s {n / dt:10.1f} tokens/s")

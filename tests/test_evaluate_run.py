@@ -103,7 +103,7 @@ def test_two_processes_under_torchrun_give_the_same_rows_and_summary(runs):
 def test_saved_completions_are_dealt_out_in_batches_and_merged_in_file_order(tmp_path, monkeypatch):
     """--completions under torchrun, one rank after the other: batch k goes to rank k mod 2, each writes
     its part file, rank 0 merges; the rows are a single process's."""
-    jobs = [dict(idx=n % 3, line=n, key=n, question="q", gt=str(n % 2), completion=f"\\boxed{{{n % 2 + n // 6}}}")
+    jobs = [dict(idx=n % 3, line=n, question="q", gt=str(n % 2), completion=f"\\boxed{{{n % 2 + n // 6}}}")
             for n in range(1, 8)]
     grader = E.Grader(5.0)
     monkeypatch.setattr(E, "batch_size", 2)
@@ -164,7 +164,7 @@ def stub_model(monkeypatch, reply, context=10**6):
     """E.generate replaced by reply(prompt text) -> completion text; returns the list of calls."""
     calls = []
 
-    def generate(net, tok, prompts, stop_ids, budgets, engine="generate"):
+    def generate(net, tok, prompts, stop_ids, budgets):
         texts = ["".join(map(chr, p)) for p in prompts]
         calls.append((texts, budgets))
         return [reply(t) for t in texts], sum(budgets)
@@ -253,30 +253,6 @@ def test_a_program_that_hangs_crashes_or_floods_costs_one_answer(monkeypatch):
     assert E.run_program("import os\nwhile True: os.write(1, b'x' * 65536)\nprint(1)").startswith("RuntimeError: the program ended")
     assert E.run_program("while True: print('x' * 10**8)") == "MemoryError"
     assert E.run_program("open('f', 'w').write('x')\nprint(1)") == "1" and not os.path.exists("f")  # in a temporary dir
-
-
-# -----------------------------------------------------------------------------
-# continuous batching: same tokens, and every prompt back in order or one line
-
-
-def test_continuous_batching_gives_the_same_completions_as_padded_batches(tiny_models):
-    from common import load_model, load_tokenizer, stop_token_ids
-    tok = load_tokenizer(tiny_models["expert"])
-    net = load_model(tiny_models["expert"], "cpu", torch.float32)
-    stop = stop_token_ids(tok, net)
-    questions = ["What is 2+2?", "A train leaves at 3 pm and travels 60 miles per hour. When does it arrive?", "Hi"]
-    prompts = [tok(E.PROMPT.format(question=q), add_special_tokens=False)["input_ids"] for q in questions]
-    padded = E.generate(net, tok, prompts, stop, [12, 5, 12], engine="generate")
-    continuous = E.generate(net, tok, prompts, stop, [12, 5, 12], engine="continuous")
-    assert padded == continuous and padded[1] > 0
-
-    results = [SimpleNamespace(error=None, prompt_ids=p, generated_tokens=[1, 2]) for p in prompts]
-    failed = [SimpleNamespace(error="RuntimeError: cache full", prompt_ids=p, generated_tokens=[]) for p in prompts]
-    for broken in (results[:2], results[::-1], failed):  # one missing, out of order, failed
-        net.generate_batch = lambda *args, broken=broken, **kwargs: {str(k): r for k, r in enumerate(broken)}
-        with pytest.raises(SystemExit) as e:
-            E.generate(net, tok, prompts, stop, [4] * 3, engine="continuous")
-        assert e.value.code == 2
 
 
 # -----------------------------------------------------------------------------
@@ -370,7 +346,7 @@ def test_stale_rows_are_refused_naming_what_differs(tiny_models, tmp_path, capsy
     (tag_dir / "gsm8k.jsonl").write_text("")
     one_line_error(*run_inprocess(args, capsys, monkeypatch), "no run.json")
     other = dict(model=str(tmp_path / "elsewhere" / "expert"), adapter=None, dtype="torch.float32", max_new_tokens=16,
-                 engine="generate", code_exec=True, prompt=E.PROMPT)
+                 code_exec=True, prompt=E.PROMPT)
     (tag_dir / "run.json").write_text(json.dumps(other))
     one_line_error(*run_inprocess(args, capsys, monkeypatch), "model, max_new_tokens", str(tag_dir))
 
