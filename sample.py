@@ -164,7 +164,74 @@ def sample_batch(expert_model, amateur_model, prompts, pad_id, stop_ids, vocab, 
 
 
 # -----------------------------------------------------------------------------
-# the files: under torchrun each process appends to its own part files; rank 0 merges them at the end
+# the run, step by step, as __main__ at the end calls them. Under torchrun each process appends to
+# its own part files; rank 0 merges them at the end
+
+
+def check_flags():
+    if not 0 < alpha <= 1:
+        die(f"--alpha {alpha} must be in (0, 1]: the plausible set keeps tokens with π_E ≥ α·max π_E")
+    if beta < 0:
+        die(f"--beta {beta} must be ≥ 0: it is a KL threshold")
+    if select not in ("kl", "all", "random"):
+        die(f"--select {select} is not one of kl, all, random")
+    if max_new_tokens < 1 or max_questions < 1 or chunk < 1 or batch_size < 0:
+        die("--max-new-tokens, --max-questions and --chunk must be ≥ 1, --batch-size ≥ 0 (0: automatic)")
+
+
+def load_questions():
+    """The first max_questions questions of --data, each with its id (default: the question itself)."""
+    path = os.path.join("data", "gsm8k", "train.jsonl") if data == "gsm8k" else data
+    if data == "gsm8k" and master:
+        download(GSM8K_URL, path)
+    barrier()  # the other processes read what rank 0 downloaded
+    rows = read_jsonl(path, "questions file", with_lines=True)
+    if not rows:
+        die(f"{path} holds no questions; give a JSONL file with one {{\"question\": ...}} per line")
+    for n, row in rows:
+        if not isinstance(row.get("question"), str) or not row["question"].strip():
+            die(f"{path}:{n}: no \"question\" field (a non-empty string); every line needs one")
+        if row.get("id") is not None and (isinstance(row["id"], bool) or not isinstance(row["id"], (str, int))):
+            die(f"{path}:{n}: \"id\" is {json.dumps(row['id'])[:40]}; make it a string or an integer, or leave it out")
+    return [dict(id=row["question"] if row.get("id") is None else row["id"], question=row["question"])
+            for _, row in rows][:max_questions]
+
+
+def check_out_dir(run_config):
+    """Rank 0: one run at a time in out_dir; resume a run with the same configuration, refuse to mix two."""
+    make_dir(out_dir)
+    lock_dir(out_dir, "sample")  # a second run on this directory stops here
+    config_path = os.path.join(out_dir, "sample_config.json")
+    fix = f"delete {out_dir} (or pass another --out-dir) and run again"
+    if os.path.exists(config_path):
+        old = read_json(config_path, fix).get("config")
+        if not isinstance(old, dict):
+            die(f"{config_path} is damaged (no \"config\" object); {fix}")
+        diff = sorted(k for k in set(old) | set(run_config) if old.get(k) != run_config.get(k))
+        if diff:
+            die(f"{out_dir} holds a sampling run with another configuration ({', '.join(diff)} differ); "
+                "pass a new --out-dir or delete the old one")
+    elif any(os.path.exists(os.path.join(out_dir, f)) for f in ("samples.jsonl", "rollouts.jsonl", "parts")):
+        die(f"{out_dir} holds samples without a sample_config.json; pass a new --out-dir or delete the old files")
+
+
+def compare_tokenizers(tok, tok_amateur):
+    """The amateur reads the expert's token ids, so the tokenizers must agree on every id of the base
+    vocabulary (the BPE tokens, below the expert's vocab_size). Added tokens may differ
+    (DeepSeek-R1-Distill-Qwen's vs Qwen2.5's, from id 151643): compared id by id, as the reference does."""
+    n_ids = max(len(tok), len(tok_amateur))
+    names_E, names_A = (t.convert_ids_to_tokens(list(range(n_ids))) for t in (tok, tok_amateur))
+    bad = next((i for i in range(tok.vocab_size) if names_E[i] != names_A[i]), None)
+    if bad is not None:
+        die(f"the expert's and amateur's tokenizers differ in their base vocabulary (id {bad}: {names_E[bad]!r} vs "
+            f"{names_A[bad]!r}); LightReasoner compares distributions token by token, so pick two models of one family")
+    differ = [i for i in range(tok.vocab_size, n_ids) if names_E[i] != names_A[i]]
+    tokenizers = dict(base_vocab=tok.vocab_size, added_tokens_differ=len(differ), example=differ and
+                      f"id {differ[0]}: expert {names_E[differ[0]]!r} vs amateur {names_A[differ[0]]!r}" or None)
+    if differ and master:
+        print(f"note: {len(differ)} added tokens differ between the tokenizers (ids {differ[0]}–{differ[-1]}; "
+              f"{tokenizers['example']}, ...); compared id by id, as the reference does", file=sys.stderr)
+    return tokenizers
 
 
 def file_pairs(out_dir):
@@ -174,6 +241,81 @@ def file_pairs(out_dir):
     names = {n.split(".")[1] for n in os.listdir(parts) if n.endswith(".jsonl")} if os.path.isdir(parts) else set()
     return [(os.path.join(out_dir, "samples.jsonl"), os.path.join(out_dir, "rollouts.jsonl"))] + [
         (os.path.join(parts, f"samples.{n}.jsonl"), os.path.join(parts, f"rollouts.{n}.jsonl")) for n in sorted(names)]
+
+
+def finished_questions(run_config, tokenizers):
+    """A question is done once its rollout line is written (after its samples). Rank 0 drops samples
+    of questions a kill interrupted (they are redone), then every process reads the rest."""
+    if master:
+        write_json(os.path.join(out_dir, "sample_config.json"),
+                   dict(config=run_config, tokenizers=tokenizers, totals=None))
+        for s_path, r_path in file_pairs(out_dir):
+            finished = {r["index"] for r in complete_lines(r_path)}
+            write_jsonl(s_path, [s for s in complete_lines(s_path) if s["index"] in finished])
+        if WORLD_SIZE > 1:
+            make_dir(os.path.join(out_dir, "parts"))
+    barrier()
+    done = {r["index"] for _, r_path in file_pairs(out_dir) for r in complete_lines(r_path)}
+    barrier()  # all have read before any appends
+    return done
+
+
+def save_question(paths, i, q, prompt, r, tok):
+    """Question i's kept positions, each with its plausible set V, then its rollout line (written
+    last: the mark that this question is done). Returns the kept positions."""
+    ids = r["completion_ids"]
+    kept = select_positions(r["kl"], select, beta, seed, i)
+    records = []
+    for t in kept:
+        token_ids, weights, p_expert, p_amateur = map(list, zip(*r["plausible"][t]))
+        records.append(dict(index=i, id=q["id"], question=q["question"], step=t,
+                            prefix=tok.decode(ids[:t]), prefix_ids=ids[:t], token_ids=token_ids,
+                            tokens=[tok.decode([a]) for a in token_ids], weights=weights,
+                            p_expert=p_expert, p_amateur=p_amateur, kl=r["kl"][t]))
+    append_jsonl(paths[0], records)
+    append_jsonl(paths[1], [dict(
+        index=i, id=q["id"], question=q["question"], prompt=tok.decode(prompt), completion=tok.decode(ids),
+        completion_ids=ids, tokens=[tok.decode([a]) for a in ids], kl=r["kl"], kept=kept)])
+    return kept
+
+
+def sample_all(questions, done, tok, expert_model, amateur_model, vocab, stop_ids):
+    """This process's batches into its files; returns the tokens generated. Batches keep fixed boundaries,
+    so a resumed run, or one with several processes (batch k goes to rank k mod N), pads and rounds exactly
+    like one uninterrupted process; a half-written batch is recomputed and only its missing questions written."""
+    mine = [os.path.join(out_dir, f"{f}.jsonl") if WORLD_SIZE == 1 else
+            os.path.join(out_dir, "parts", f"{f}.rank{RANK}.jsonl") for f in ("samples", "rollouts")]
+    batches = [range(s, min(s + batch_size, len(questions))) for s in range(0, len(questions), batch_size)]
+    my_batches = batches[RANK::WORLD_SIZE]
+    new_tokens = n_kept = kl_sum = 0  # this process, this run (the bar's postfix)
+    bar = tqdm(total=sum(map(len, my_batches)), initial=sum(i in done for b in my_batches for i in b),
+               desc="sampling", unit="q", dynamic_ncols=True, disable=not master)
+    try:
+        for batch in my_batches:
+            if all(i in done for i in batch):
+                continue
+            prompts = [chat_prompt_ids(tok, questions[i]["question"], system_prompt) for i in batch]
+            results = sample_batch(expert_model, amateur_model, prompts, tok.pad_token_id, stop_ids, vocab,
+                                   max_new_tokens, alpha, chunk)
+            for i, prompt, r in zip(batch, prompts, results):
+                if i in done:
+                    continue
+                kept = save_question(mine, i, questions[i], prompt, r, tok)
+                new_tokens, n_kept, kl_sum = new_tokens + len(r["kl"]), n_kept + len(kept), kl_sum + sum(r["kl"])
+                bar.update(1)
+                bar.set_postfix(kept=n_kept, mean_kl=f"{kl_sum / max(new_tokens, 1):.3f}")
+    except KeyboardInterrupt:
+        bar.close()
+        if master:
+            print(f"interrupted: finished questions are saved in {out_dir}; run the same command to resume",
+                  file=sys.stderr)
+        raise SystemExit(130)
+    except torch.cuda.OutOfMemoryError:
+        bar.close()
+        die(f"out of GPU memory with --batch-size {batch_size}; lower --batch-size (or --chunk, now {chunk}) and run "
+            "the same command again: finished questions are kept", every_rank=True)
+    bar.close()
+    return new_tokens
 
 
 def merge(out_dir, n_questions):
@@ -191,6 +333,27 @@ def merge(out_dir, n_questions):
     write_jsonl(pairs[0][0], [s for i in sorted(samples) for s in samples[i]])
     write_jsonl(pairs[0][1], [rollouts[i] for i in range(n_questions)])
     shutil.rmtree(os.path.join(out_dir, "parts"))
+
+
+def write_totals(n_questions, run_config, tokenizers, new_tokens, t_start):
+    """Rank 0: merge torchrun's part files (of this run or an earlier one), then the totals over the
+    whole run (resumed parts and all processes included), the page and a one-line summary."""
+    if os.path.isdir(os.path.join(out_dir, "parts")):
+        merge(out_dir, n_questions)
+    rollouts = complete_lines(os.path.join(out_dir, "rollouts.jsonl"))
+    kls = [k for r in rollouts for k in r["kl"]]
+    n_kept, wall = sum(len(r["kept"]) for r in rollouts), time.time() - t_start
+    totals = dict(questions=len(rollouts), generated_tokens=len(kls), kept_positions=n_kept,
+                  kept_fraction=n_kept / max(len(kls), 1), mean_kl=statistics.fmean(kls) if kls else 0.0,
+                  median_kl=statistics.median(kls) if kls else 0.0, wall_time_s=wall,
+                  tokens_per_s=new_tokens / wall if wall > 0 else 0.0, processes=WORLD_SIZE, batch_size=batch_size)
+    write_json(os.path.join(out_dir, "sample_config.json"),
+               dict(config=run_config, tokenizers=tokenizers, totals=totals))
+    write_page(os.path.join(out_dir, "rollouts.html"), lambda: rollouts_page(out_dir))
+    print(f"sampled {totals['questions']} questions, {totals['generated_tokens']} tokens; kept {n_kept} positions "
+          f"({100 * totals['kept_fraction']:.1f}%), mean KL {totals['mean_kl']:.3f}; {wall:.0f}s this run "
+          f"({totals['tokens_per_s']:.1f} tokens/s) -> {os.path.join(out_dir, 'samples.jsonl')}, "
+          f"{os.path.join(out_dir, 'rollouts.html')}")
 
 
 # -----------------------------------------------------------------------------
@@ -265,155 +428,32 @@ def rollouts_page(out_dir):
 # -----------------------------------------------------------------------------
 if __name__ == "__main__":
     globals().update(parse_flags({k: globals()[k] for k in config_keys}, __doc__))
-    if not 0 < alpha <= 1:
-        die(f"--alpha {alpha} must be in (0, 1]: the plausible set keeps tokens with π_E ≥ α·max π_E")
-    if beta < 0:
-        die(f"--beta {beta} must be ≥ 0: it is a KL threshold")
-    if select not in ("kl", "all", "random"):
-        die(f"--select {select} is not one of kl, all, random")
-    if max_new_tokens < 1 or max_questions < 1 or chunk < 1 or batch_size < 0:
-        die("--max-new-tokens, --max-questions and --chunk must be ≥ 1, --batch-size ≥ 0 (0: automatic)")
+    check_flags()
     dev = init_distributed(device)  # under torchrun: this process's GPU (or the CPU, with Gloo)
     batch_size = batch_size or (64 if dev.startswith("cuda") else 8)  # GPU time ≈ ceil(N / batch) decode runs
     torch_dtype = pick_dtype(dtype, dev)
     torch.manual_seed(seed)
+    questions = load_questions()
 
-    # ---- the questions
-    path = os.path.join("data", "gsm8k", "train.jsonl") if data == "gsm8k" else data
-    if data == "gsm8k" and master:
-        download(GSM8K_URL, path)
-    barrier()  # the other processes read what rank 0 downloaded
-    rows = read_jsonl(path, "questions file", with_lines=True)
-    if not rows:
-        die(f"{path} holds no questions; give a JSONL file with one {{\"question\": ...}} per line")
-    for n, row in rows:
-        if not isinstance(row.get("question"), str) or not row["question"].strip():
-            die(f"{path}:{n}: no \"question\" field (a non-empty string); every line needs one")
-        if row.get("id") is not None and (isinstance(row["id"], bool) or not isinstance(row["id"], (str, int))):
-            die(f"{path}:{n}: \"id\" is {json.dumps(row['id'])[:40]}; make it a string or an integer, or leave it out")
-    questions = [dict(id=row["question"] if row.get("id") is None else row["id"], question=row["question"])
-                 for _, row in rows][:max_questions]
-
-    # ---- the output directory: one run at a time; resume a run with the same configuration, refuse to mix two
-    samples_path, rollouts_path = os.path.join(out_dir, "samples.jsonl"), os.path.join(out_dir, "rollouts.jsonl")
-    config_path, parts_dir = os.path.join(out_dir, "sample_config.json"), os.path.join(out_dir, "parts")
+    # ---- the output directory: one run at a time; resume a run with the same configuration
     run_config = {k: globals()[k] for k in ["expert", "amateur", "data", "max_questions", "max_new_tokens",
                                             "alpha", "beta", "select", "system_prompt", "seed"]}
     run_config["dtype"] = str(torch_dtype).removeprefix("torch.")
     if master:
-        make_dir(out_dir)
-        lock_dir(out_dir, "sample")  # a second run on this directory stops here
-        fix = f"delete {out_dir} (or pass another --out-dir) and run again"
-        if os.path.exists(config_path):
-            old = read_json(config_path, fix).get("config")
-            if not isinstance(old, dict):
-                die(f"{config_path} is damaged (no \"config\" object); {fix}")
-            diff = sorted(k for k in set(old) | set(run_config) if old.get(k) != run_config.get(k))
-            if diff:
-                die(f"{out_dir} holds a sampling run with another configuration ({', '.join(diff)} differ); "
-                    "pass a new --out-dir or delete the old one")
-        elif any(os.path.exists(p) for p in (samples_path, rollouts_path, parts_dir)):
-            die(f"{out_dir} holds samples without a sample_config.json; pass a new --out-dir or delete the old files")
+        check_out_dir(run_config)
 
-    # ---- the models. The amateur reads the expert's token ids, so the tokenizers must agree on every id
-    # of the base vocabulary (the BPE tokens, below the expert's vocab_size). Added tokens may differ
-    # (DeepSeek-R1-Distill-Qwen's vs Qwen2.5's, from id 151643): compared id by id, as the reference does.
-    tok, tok_amateur = load_tokenizer(expert), load_tokenizer(amateur)
-    n_ids = max(len(tok), len(tok_amateur))
-    names_E, names_A = (t.convert_ids_to_tokens(list(range(n_ids))) for t in (tok, tok_amateur))
-    bad = next((i for i in range(tok.vocab_size) if names_E[i] != names_A[i]), None)
-    if bad is not None:
-        die(f"the expert's and amateur's tokenizers differ in their base vocabulary (id {bad}: {names_E[bad]!r} vs "
-            f"{names_A[bad]!r}); LightReasoner compares distributions token by token, so pick two models of one family")
-    differ = [i for i in range(tok.vocab_size, n_ids) if names_E[i] != names_A[i]]
-    tokenizers = dict(base_vocab=tok.vocab_size, added_tokens_differ=len(differ), example=differ and
-                      f"id {differ[0]}: expert {names_E[differ[0]]!r} vs amateur {names_A[differ[0]]!r}" or None)
-    if differ and master:
-        print(f"note: {len(differ)} added tokens differ between the tokenizers (ids {differ[0]}–{differ[-1]}; "
-              f"{tokenizers['example']}, ...); compared id by id, as the reference does", file=sys.stderr)
+    # ---- the models, compared on the ids both output layers have (Qwen pads its vocabularies to different sizes)
+    tok = load_tokenizer(expert)
+    tokenizers = compare_tokenizers(tok, load_tokenizer(amateur))
     expert_model = load_model(expert, dev, torch_dtype)
     amateur_model = load_model(amateur, dev, torch_dtype)
-    # Compare on the ids both output layers have (Qwen pads its vocabularies to different sizes).
     vocab = min(expert_model.get_output_embeddings().out_features, amateur_model.get_output_embeddings().out_features)
     stop_ids = stop_token_ids(tok, expert_model)  # the expert's own end tokens
 
-    # ---- what is done. A question is done once its rollout line is written (after its samples). Rank 0
-    # drops samples of questions a kill interrupted (they are redone), then every process reads the rest.
+    # ---- sample what is not done yet; then, over all processes (the sum waits for them), the totals
+    done = finished_questions(run_config, tokenizers)
+    t_start = time.time()
+    new_tokens = sample_all(questions, done, tok, expert_model, amateur_model, vocab, stop_ids)
+    new_tokens = sum_over_ranks([new_tokens], dev)[0]
     if master:
-        write_json(config_path, {"config": run_config, "tokenizers": tokenizers, "totals": None})
-        for s_path, r_path in file_pairs(out_dir):
-            finished = {r["index"] for r in complete_lines(r_path)}
-            write_jsonl(s_path, [s for s in complete_lines(s_path) if s["index"] in finished])
-        if WORLD_SIZE > 1:
-            make_dir(parts_dir)
-    barrier()
-    done = {r["index"] for _, r_path in file_pairs(out_dir) for r in complete_lines(r_path)}
-    barrier()  # all have read before any appends
-    mine = (samples_path, rollouts_path) if WORLD_SIZE == 1 else (
-        os.path.join(parts_dir, f"samples.rank{RANK}.jsonl"), os.path.join(parts_dir, f"rollouts.rank{RANK}.jsonl"))
-
-    # ---- sample. Batches keep fixed boundaries, so a resumed run, or one with several processes (batch k
-    # goes to rank k mod N), pads and rounds exactly like one uninterrupted process; a half-written batch
-    # is recomputed and only its missing questions written.
-    batches = [range(s, min(s + batch_size, len(questions))) for s in range(0, len(questions), batch_size)]
-    my_batches = batches[RANK::WORLD_SIZE]
-    t_start, new_tokens = time.time(), 0
-    n_kept = kl_sum = n_positions = 0  # this process, this run (the bar's postfix)
-    bar = tqdm(total=sum(map(len, my_batches)), initial=sum(i in done for b in my_batches for i in b),
-               desc="sampling", unit="q", dynamic_ncols=True, disable=not master)
-    try:
-        for batch in my_batches:
-            if all(i in done for i in batch):
-                continue
-            prompts = [chat_prompt_ids(tok, questions[i]["question"], system_prompt) for i in batch]
-            results = sample_batch(expert_model, amateur_model, prompts, tok.pad_token_id, stop_ids, vocab,
-                                   max_new_tokens, alpha, chunk)
-            for i, prompt, r in zip(batch, prompts, results):
-                if i in done:
-                    continue
-                q, ids = questions[i], r["completion_ids"]
-                kept = select_positions(r["kl"], select, beta, seed, i)
-                records = []
-                for t in kept:
-                    token_ids, weights, p_expert, p_amateur = map(list, zip(*r["plausible"][t]))
-                    records.append(dict(index=i, id=q["id"], question=q["question"], step=t,
-                                        prefix=tok.decode(ids[:t]), prefix_ids=ids[:t], token_ids=token_ids,
-                                        tokens=[tok.decode([a]) for a in token_ids], weights=weights,
-                                        p_expert=p_expert, p_amateur=p_amateur, kl=r["kl"][t]))
-                append_jsonl(mine[0], records)
-                append_jsonl(mine[1], [dict(  # written last: the mark that this question is done
-                    index=i, id=q["id"], question=q["question"], prompt=tok.decode(prompt), completion=tok.decode(ids),
-                    completion_ids=ids, tokens=[tok.decode([a]) for a in ids], kl=r["kl"], kept=kept)])
-                new_tokens += len(ids)
-                n_kept, kl_sum, n_positions = n_kept + len(kept), kl_sum + sum(r["kl"]), n_positions + len(ids)
-                bar.update(1)
-                bar.set_postfix(kept=n_kept, mean_kl=f"{kl_sum / max(n_positions, 1):.3f}")
-    except KeyboardInterrupt:
-        bar.close()
-        if master:
-            print(f"interrupted: finished questions are saved in {out_dir}; run the same command to resume",
-                  file=sys.stderr)
-        raise SystemExit(130)
-    except torch.cuda.OutOfMemoryError:
-        bar.close()
-        die(f"out of GPU memory with --batch-size {batch_size}; lower --batch-size (or --chunk, now {chunk}) and run "
-            "the same command again: finished questions are kept", every_rank=True)
-    bar.close()
-
-    # ---- totals, over the whole run (resumed parts and all processes included); the page
-    new_tokens = sum_over_ranks([new_tokens], dev)[0]  # also waits for every process to finish
-    if master:
-        if os.path.isdir(parts_dir):  # torchrun's part files, of this run or an earlier one
-            merge(out_dir, len(questions))
-        rollouts = complete_lines(rollouts_path)
-        kls = [k for r in rollouts for k in r["kl"]]
-        n_kept, wall = sum(len(r["kept"]) for r in rollouts), time.time() - t_start
-        totals = dict(questions=len(rollouts), generated_tokens=len(kls), kept_positions=n_kept,
-                      kept_fraction=n_kept / max(len(kls), 1), mean_kl=statistics.fmean(kls) if kls else 0.0,
-                      median_kl=statistics.median(kls) if kls else 0.0, wall_time_s=wall,
-                      tokens_per_s=new_tokens / wall if wall > 0 else 0.0, processes=WORLD_SIZE, batch_size=batch_size)
-        write_json(config_path, {"config": run_config, "tokenizers": tokenizers, "totals": totals})
-        write_page(os.path.join(out_dir, "rollouts.html"), lambda: rollouts_page(out_dir))
-        print(f"sampled {totals['questions']} questions, {totals['generated_tokens']} tokens; kept {n_kept} positions "
-              f"({100 * totals['kept_fraction']:.1f}%), mean KL {totals['mean_kl']:.3f}; {wall:.0f}s this run "
-              f"({totals['tokens_per_s']:.1f} tokens/s) -> {samples_path}, {os.path.join(out_dir, 'rollouts.html')}")
+        write_totals(len(questions), run_config, tokenizers, new_tokens, t_start)

@@ -277,7 +277,18 @@ def same_model(a, b):
 
 
 # -----------------------------------------------------------------------------
-# the run, set up in three parts; the training loop itself is written out in __main__
+# the run, step by step, as __main__ at the end calls them; the training loop itself is written out there
+
+
+def check_flags():
+    if min(max_steps, batch_size, grad_accum, save_every, lora_r, lora_alpha) < 1:
+        die("--max-steps, --batch-size, --grad-accum, --save-every, --lora-r and --lora-alpha must be ≥ 1")
+    if not 0 <= lr <= 1 or not 0 <= lora_dropout < 1 or label not in ("contrast", "expert", "greedy"):
+        die(f"--lr {lr} must be in [0, 1] (AdamW moves each weight by about lr a step), --lora-dropout "
+            f"{lora_dropout} in [0, 1) and --label {label} one of contrast, expert, greedy")
+    if grad_accum % WORLD_SIZE:
+        die(f"--grad-accum {grad_accum} does not divide among {WORLD_SIZE} processes: each takes an equal share of "
+            f"a step's micro-batches; pass a multiple of {WORLD_SIZE} (and a smaller --batch-size to keep the step)")
 
 
 def read_run_samples():
@@ -294,26 +305,36 @@ def read_run_samples():
     return path, records, official, sampled.get("system_prompt", DEFAULT_SYSTEM_PROMPT), name
 
 
-def check_out_dir(run_config, paths):
-    """One run at a time in out_dir; continue a run with its own flags, never overwrite another."""
+def prepare_out_dir(run_config):
+    """One run at a time in out_dir; continue a run with its own flags, never overwrite another. Rank 0
+    alone reads the checkpoint to resume from (and trims the log to it) before the processes join: a
+    stop here, like one on the lock, ends the others quietly instead of in a broken collective."""
+    config_path, log_path = os.path.join(out_dir, "train_config.json"), os.path.join(out_dir, "train_log.jsonl")
     if master:
         make_dir(out_dir)
         lock_dir(out_dir, "train")
-    if not resume and any(os.path.exists(p) for p in paths):
+    if not resume and any(os.path.exists(p) for p in (config_path, log_path, os.path.join(out_dir, "checkpoints"),
+                                                      os.path.join(out_dir, "lora"))):
         die(f"{out_dir} already holds a training run (train_config.json, lora/ or checkpoints/); "
             "pass --resume to continue it, or a fresh --out-dir")
-    if resume and os.path.exists(paths[0]):  # train_config.json
-        old = read_json(paths[0], fix="delete it to resume with the flags of this command (they must be the "
+    if resume and os.path.exists(config_path):
+        old = read_json(config_path, fix="delete it to resume with the flags of this command (they must be the "
                                          "run's own), or pass a fresh --out-dir").get("config", {})
         diff = sorted(k for k in set(old) | set(run_config) if old.get(k) != run_config.get(k))
         if diff:
             die(f"{out_dir} holds a training run with another configuration ({', '.join(diff)} differ); "
                 "run with the same flags to resume, or pass a fresh --out-dir")
+    found = load_checkpoint(os.path.join(out_dir, "checkpoints")) if resume and master else None
+    if master and os.path.exists(log_path):
+        step = found[2]["step"] if found else 0
+        write_jsonl(log_path, [row for row in complete_lines(log_path) if row["step"] <= step])  # steps a kill undid
+    return found
 
 
-def lora_model(name, dev, torch_dtype, targets, records, samples_path):
-    """The expert with LoRA adapters on `targets`, the only weights trained; first the checks that
-    every id of the samples and every target layer exists in it."""
+def lora_model(name, dev, torch_dtype, records, samples_path):
+    """The expert with LoRA adapters on --target-modules, the only weights trained; first the checks
+    that every id of the samples and every target layer exists in it."""
+    targets = [m.strip() for m in target_modules.split(",") if m.strip()]
     model = load_model(name, dev, torch_dtype)
     check_vocab(records, samples_path, model.get_input_embeddings().num_embeddings,
                 model.get_output_embeddings().out_features)
@@ -325,6 +346,11 @@ def lora_model(name, dev, torch_dtype, targets, records, samples_path):
     torch.manual_seed(seed)  # the same initialisation in every process
     model = get_peft_model(model, LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                                              target_modules=targets, bias="none", task_type="CAUSAL_LM"))
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if master:
+        print(f"LoRA r={lora_r} on {','.join(targets)}: {n_train:,} trainable parameters "
+              f"({100 * n_train / sum(p.numel() for p in model.parameters()):.2f}%)"
+              + (f"; {WORLD_SIZE} processes" if WORLD_SIZE > 1 else ""))
     return model.train()
 
 
@@ -345,6 +371,55 @@ def resume_from(found, model, optimizer, scheduler):
     if master:
         print(f"resuming {out_dir} from {name} (step {state['step']})")
     return state["step"], state["position"], state["elapsed_s"]
+
+
+def forward_backward(loss_fn, inputs, targets_V, step, position, autocast, pad_id):
+    """This process's micro-batches of one step, from `position` in the stream of shuffled records:
+    their KL(target‖π_θ), backpropagated. Returns (the sum of the KL, tokens processed)."""
+    loss_sum, tokens = 0.0, 0
+    mine = range(RANK, grad_accum, WORLD_SIZE)  # this process's micro-batches of the step
+    for k in mine:
+        batch = [epoch_order(len(inputs), seed, p // len(inputs))[p % len(inputs)]
+                 for p in range(position + k * batch_size, position + (k + 1) * batch_size)]
+        torch.manual_seed(seed + 1_000_003 * (step * grad_accum + k + 1))  # dropout masks: fixed per micro-batch
+        with loss_fn.no_sync() if WORLD_SIZE > 1 and k != mine[-1] else contextlib.nullcontext():  # sync once
+            with autocast:
+                kl, n_tokens = loss_fn([inputs[i] for i in batch], [targets_V[i] for i in batch], pad_id)
+            # "batchmean" over the step's records; DDP averages the gradients over the processes
+            (kl.sum() / (batch_size * len(mine))).backward()
+        loss_sum, tokens = loss_sum + kl.sum().item(), tokens + n_tokens
+    return loss_sum, tokens
+
+
+def log_step(row, bar, run_config, model, optimizer, scheduler, position):
+    """Rank 0, after each step: its line in the log, and every save_every steps a checkpoint and the page."""
+    config_path = os.path.join(out_dir, "train_config.json")
+    if not os.path.exists(config_path):  # the first step worked: from here on out_dir holds this run
+        write_json(config_path, {"config": run_config, "totals": None})
+    append_jsonl(os.path.join(out_dir, "train_log.jsonl"), [row])
+    bar.update(1)
+    bar.set_postfix(loss=f"{row['loss']:.4f}", rec_s=f"{row['records_per_s']:.1f}")
+    if row["step"] % save_every == 0 or row["step"] == max_steps:
+        save_checkpoint(os.path.join(out_dir, "checkpoints"), row["step"], model, optimizer, scheduler, position,
+                        row["elapsed_s"])
+        write_page(os.path.join(out_dir, "train.html"), lambda: train_page(out_dir))
+
+
+def finish(model, tok, run_config, n_records, start_step, processed, t_start, elapsed):
+    """Rank 0, at the end: the adapter (and the merged model), the totals, the page, a summary line."""
+    lora_dir, merged_dir = os.path.join(out_dir, "lora"), os.path.join(out_dir, "merged")
+    save_model(lora_dir, model, tok)
+    if merge:
+        save_model(merged_dir, model.merge_and_unload(), tok)
+    wall, seen = time.time() - t_start, max_steps * batch_size * grad_accum
+    log = complete_lines(os.path.join(out_dir, "train_log.jsonl"))
+    totals = dict(steps=max_steps, records_seen=seen, tuned_tokens=seen, records=n_records,
+                  final_loss=log[-1]["loss"] if log else None, wall_time_s=elapsed + wall)
+    write_json(os.path.join(out_dir, "train_config.json"), {"config": run_config, "totals": totals})
+    write_page(os.path.join(out_dir, "train.html"), lambda: train_page(out_dir))
+    print(f"trained {max_steps} steps ({max_steps - start_step} this run): {seen} records seen = {seen} tuned tokens "
+          f"(one position each), {processed} tokens processed this run; {wall:.0f}s this run -> {lora_dir}"
+          + (f", {merged_dir}" if merge else ""))
 
 
 # -----------------------------------------------------------------------------
@@ -392,47 +467,27 @@ def table(title, d):
 # -----------------------------------------------------------------------------
 if __name__ == "__main__":
     globals().update(parse_flags({k: globals()[k] for k in config_keys}, __doc__))
-    if min(max_steps, batch_size, grad_accum, save_every, lora_r, lora_alpha) < 1:
-        die("--max-steps, --batch-size, --grad-accum, --save-every, --lora-r and --lora-alpha must be ≥ 1")
-    if not 0 <= lr <= 1 or not 0 <= lora_dropout < 1 or label not in ("contrast", "expert", "greedy"):
-        die(f"--lr {lr} must be in [0, 1] (AdamW moves each weight by about lr a step), --lora-dropout "
-            f"{lora_dropout} in [0, 1) and --label {label} one of contrast, expert, greedy")
-    if grad_accum % WORLD_SIZE:
-        die(f"--grad-accum {grad_accum} does not divide among {WORLD_SIZE} processes: each takes an equal share of "
-            f"a step's micro-batches; pass a multiple of {WORLD_SIZE} (and a smaller --batch-size to keep the step)")
-    targets = [m.strip() for m in target_modules.split(",") if m.strip()]
+    check_flags()
     samples, records, official, system_prompt, expert = read_run_samples()
-
-    # ---- the output directory: one run at a time, continue a run, never overwrite another
     torch_dtype = pick_dtype(dtype, pick_device(device))
     if torch_dtype == torch.float16:
         die("--dtype float16 is not supported for training (no loss scaling: small gradients underflow); "
             "use bfloat16, as the paper did, or float32")
-    config_path, log_path = os.path.join(out_dir, "train_config.json"), os.path.join(out_dir, "train_log.jsonl")
-    ckpt_dir, lora_dir = os.path.join(out_dir, "checkpoints"), os.path.join(out_dir, "lora")
+
+    # ---- the output directory, and the checkpoint to resume from
     run_config = {k: globals()[k] for k in ["expert", "samples", "label", "max_steps", "batch_size", "grad_accum",
                                             "lr", "lora_r", "lora_alpha", "lora_dropout", "target_modules", "seed"]}
     run_config.update(records=len(records), system_prompt=system_prompt, dtype=str(torch_dtype).removeprefix("torch."))
-    check_out_dir(run_config, (config_path, log_path, ckpt_dir, lora_dir))
-    # rank 0 alone reads the checkpoint to resume from (and trims the log to it) before the processes
-    # join: a stop here, like one on the lock, ends the others quietly instead of in a broken collective
-    found = load_checkpoint(ckpt_dir) if resume and master else None
-    if master and os.path.exists(log_path):
-        step = found[2]["step"] if found else 0
-        write_jsonl(log_path, [row for row in complete_lines(log_path) if row["step"] <= step])  # steps a kill undid
+    found = prepare_out_dir(run_config)
     dev = init_distributed(device)  # under torchrun: join the process group, take GPU LOCAL_RANK
 
     # ---- the expert with LoRA, and what it reads at each kept position and should match there
     tok = load_tokenizer(expert)
-    model = lora_model(expert, dev, torch_dtype, targets, records, samples)
+    model = lora_model(expert, dev, torch_dtype, records, samples)
+    if master and official:
+        print(f"{samples} is an official LightReasoner sample file (no prefix_ids): each input is the chat "
+              "prompt + the prefix text, tokenized together as the reference does")
     params = [p for p in model.parameters() if p.requires_grad]
-    n_train, n_all = sum(p.numel() for p in params), sum(p.numel() for p in model.parameters())
-    if master:
-        print(f"LoRA r={lora_r} on {','.join(targets)}: {n_train:,} trainable parameters ({100 * n_train / n_all:.2f}%)"
-              + (f"; {WORLD_SIZE} processes" if WORLD_SIZE > 1 else ""))
-        if official:
-            print(f"{samples} is an official LightReasoner sample file (no prefix_ids): each input is the chat "
-                  "prompt + the prefix text, tokenized together as the reference does")
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1 - s / max_steps))  # linear to 0
     autocast = torch.autocast(dev.split(":")[0], dtype=torch_dtype, enabled=torch_dtype != torch.float32)
@@ -448,18 +503,8 @@ if __name__ == "__main__":
     t_start, start_step, processed, n = time.time(), step, 0, batch_size * grad_accum
     bar = tqdm(total=max_steps, initial=step, desc="training", unit="step", dynamic_ncols=True, disable=not master)
     while step < max_steps:
-        t_step, loss_sum, tokens = time.time(), 0.0, 0
-        mine = range(RANK, grad_accum, WORLD_SIZE)  # this process's micro-batches of the step
-        for k in mine:
-            batch = [epoch_order(len(records), seed, p // len(records))[p % len(records)]
-                     for p in range(position + k * batch_size, position + (k + 1) * batch_size)]
-            torch.manual_seed(seed + 1_000_003 * (step * grad_accum + k + 1))  # dropout masks: fixed per micro-batch
-            with loss_fn.no_sync() if WORLD_SIZE > 1 and k != mine[-1] else contextlib.nullcontext():  # sync once
-                with autocast:
-                    kl, n_tokens = loss_fn([inputs[i] for i in batch], [targets_V[i] for i in batch], tok.pad_token_id)
-                # "batchmean" over the step's records; DDP averages the gradients over the processes
-                (kl.sum() / (batch_size * len(mine))).backward()
-            loss_sum, tokens = loss_sum + kl.sum().item(), tokens + n_tokens
+        t_step = time.time()
+        loss_sum, tokens = forward_backward(loss_fn, inputs, targets_V, step, position, autocast, tok.pad_token_id)
         position += n
         loss_sum, tokens = sum_over_ranks([loss_sum, tokens], dev)  # the whole step's, in every process
         grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)  # the Trainer default the reference runs with
@@ -475,28 +520,10 @@ if __name__ == "__main__":
         row = dict(step=step, loss=loss_sum / n, lr=lr_now, records=n, tokens=int(tokens),
                    records_per_s=n / (now - t_step), elapsed_s=elapsed + now - t_start)
         if master:
-            if not os.path.exists(config_path):  # the first step worked: from here on out_dir holds this run
-                write_json(config_path, {"config": run_config, "totals": None})
-            append_jsonl(log_path, [row])
-            bar.update(1)
-            bar.set_postfix(loss=f"{row['loss']:.4f}", rec_s=f"{row['records_per_s']:.1f}")
-            if step % save_every == 0 or step == max_steps:
-                save_checkpoint(ckpt_dir, step, model, optimizer, scheduler, position, row["elapsed_s"])
-                write_page(os.path.join(out_dir, "train.html"), lambda: train_page(out_dir))
+            log_step(row, bar, run_config, model, optimizer, scheduler, position)
     bar.close()
 
     # ---- the adapter (and the merged model), the totals and the page: rank 0 writes them
     if master:
-        save_model(lora_dir, model, tok)
-        if merge:
-            save_model(os.path.join(out_dir, "merged"), model.merge_and_unload(), tok)
-        wall, seen = time.time() - t_start, max_steps * n
-        log = complete_lines(log_path)
-        totals = dict(steps=max_steps, records_seen=seen, tuned_tokens=seen, records=len(records),
-                      final_loss=log[-1]["loss"] if log else None, wall_time_s=elapsed + wall)
-        write_json(config_path, {"config": run_config, "totals": totals})
-        write_page(os.path.join(out_dir, "train.html"), lambda: train_page(out_dir))
-        print(f"trained {max_steps} steps ({max_steps - start_step} this run): {seen} records seen = {seen} tuned tokens "
-              f"(one position each), {processed} tokens processed this run; {wall:.0f}s this run -> {lora_dir}"
-              + (f", {os.path.join(out_dir, 'merged')}" if merge else ""))
+        finish(model, tok, run_config, len(records), start_step, processed, t_start, elapsed)
     barrier()  # the other processes wait for rank 0's files
