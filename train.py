@@ -504,7 +504,12 @@ if __name__ == "__main__":
     bar = tqdm(total=max_steps, initial=step, desc="training", unit="step", dynamic_ncols=True, disable=not master)
     while step < max_steps:
         t_step = time.time()
-        loss_sum, tokens = forward_backward(loss_fn, inputs, targets_V, step, position, autocast, tok.pad_token_id)
+        try:
+            loss_sum, tokens = forward_backward(loss_fn, inputs, targets_V, step, position, autocast, tok.pad_token_id)
+        except torch.cuda.OutOfMemoryError:
+            bar.close()
+            die(f"out of GPU memory at step {step + 1} with --batch-size {batch_size}; lower --batch-size and raise "
+                f"--grad-accum so that they still multiply to {n} records a step", every_rank=True)
         position += n
         loss_sum, tokens = sum_over_ranks([loss_sum, tokens], dev)  # the whole step's, in every process
         grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)  # the Trainer default the reference runs with

@@ -381,6 +381,16 @@ def test_bad_numbers_dtype_and_paths_end_in_one_line(samples, tmp_path, capsys):
     assert not os.path.exists(tmp_path / "a")
 
 
+def test_running_out_of_gpu_memory_names_the_flags_and_leaves_no_run(samples, tmp_path, capsys, monkeypatch):
+    def oom(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.27 GiB")
+    monkeypatch.setattr(torch.Tensor, "log_softmax", oom)  # the first forward's log π_θ
+    err = dies(capsys, "--samples", os.path.join(samples, "samples.jsonl"), "--out-dir", tmp_path / "a", *STEPS)
+    assert "Traceback" not in err and err.splitlines()[-1:] == ["error: out of GPU memory at step 1 with --batch-size 8; lower --batch-size and "
+                                "raise --grad-accum so that they still multiply to 16 records a step"]
+    assert not os.path.exists(tmp_path / "a" / "train_config.json")  # nothing blocks the corrected command
+
+
 @pytest.mark.parametrize("kind, message", [("binary", "not UTF-8 text"), ("directory", "is a directory"),
                                            ("surrogate", "lone surrogate")])
 def test_samples_that_are_not_text_lines_end_in_one_line(tmp_path, capsys, kind, message):
