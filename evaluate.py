@@ -109,6 +109,177 @@ def parse_gt(record, name):
 
 
 # -----------------------------------------------------------------------------
+# benchmark files: the toolkit's, downloaded once; every idx checked
+
+
+def load_benchmark(name, data_dir):
+    """(path, problems [{idx, question, gt}]) of one benchmark, its file downloaded once (by rank 0)."""
+    path = os.path.join(data_dir, name, "test.jsonl")
+    if master and not os.path.exists(path):
+        download(DATA_URL.format(name), path)
+    barrier()
+    problems = {}
+    for n, record in read_jsonl(path, f"{name} benchmark file", with_lines=True):
+        idx = check_idx(record.get("idx", n - 1), f"{path}:{n}")
+        if idx in problems:
+            die(f"{path}:{n}: idx {idx!r} appears twice; every problem needs its own idx")
+        try:
+            problems[idx] = dict(idx=idx, question=parse_question(record, name), gt=parse_gt(record, name))
+        except (KeyError, IndexError, TypeError, AttributeError) as e:
+            die(f"{path}:{n}: not a {name} record in the toolkit's format ({type(e).__name__}: {e}); "
+                f"get the file from {DATA_URL.format(name)}")
+    if not problems:
+        die(f"{path} holds no problems; get the file from {DATA_URL.format(name)}")
+    return path, list(problems.values())
+
+
+def check_idx(idx, where):
+    """A whole number or a string: true and 0.0 would otherwise pass for problems 1 and 0."""
+    if isinstance(idx, bool) or not isinstance(idx, (int, str)):
+        die(f"{where}: idx {json.dumps(idx)} is not a whole number (or a string); fix that line")
+    return idx
+
+
+# -----------------------------------------------------------------------------
+# the model's code, run as the toolkit runs it (its trajectory.py and python_executor.py, re-written)
+
+
+def extract_program(text):
+    """The program the toolkit runs: the prompt and completion so far, read line by line into text,
+    ```python programs``` and ```output```s. Programs whose output looks like a success run again
+    (their print lines dropped, but the last program's), a failed one keeps only its import lines."""
+    parts, role, buf, lines = [], "text", "", text.split("\n")
+    for n, line in enumerate(lines):
+        starts, ends, output = line == "```python", line == "```" and role != "text", line.startswith("```output")
+        if (starts and role != "text") or (ends and role == "program" and not buf) or (output and role == "output" and buf):
+            return "raise ValueError('Invalid trajectory')"
+        if starts or ends:
+            parts += [(role, buf)] if buf or ends else []
+            role, buf = "program" if starts else "output" if role == "program" else "text", ""
+        elif not (output and role == "output"):
+            buf += line + ("\n" if n < len(lines) - 1 else "")
+    parts += [(role, buf)] if buf else []
+    programs, imports = [], []
+    for k, (role, content) in enumerate(parts):
+        after = parts[k + 1][1].lower() if k + 1 < len(parts) else ""
+        if role == "program" and any(w in after for w in ("error", "exception", "no algorithms", "cannot", "nan", "...")):
+            imports += [line for line in content.split("\n") if line.startswith(("import", "from"))]
+        elif role == "program":
+            programs.append(content)
+    programs = programs or [""]
+    programs[0] = "\n".join(imports) + "\n" + programs[0] if imports else programs[0]
+    drop_prints = lambda p: "\n".join(line for line in p.split("\n") if not line.strip().startswith("print("))  # noqa: E731
+    return "\n".join([drop_prints(p) for p in programs[:-1]] + programs[-1:])
+
+
+# The child process: the toolkit's executor, quirks included. With "print(" in the last line the whole
+# program runs and its stdout is the result, else the last line's value is; globals start empty;
+# "input(" is refused; an error reports the last line of its traceback; result and report are
+# stripped and cut to 200 + "..." + 200 characters; the result counts, else the report.
+CHILD = r"""
+import contextlib, io, json, os, pickle, resource, signal, sys, traceback
+for limit, size in ((resource.RLIMIT_AS, int(sys.argv[2])), (resource.RLIMIT_FSIZE, 16 << 20), (resource.RLIMIT_CORE, 0)):
+    resource.setrlimit(limit, (size, size))
+class Alarm(AssertionError): pass  # as the toolkit's timeout_decorator error
+def ring(*_): raise Alarm()
+code, out = sys.stdin.read().strip().split("\n"), io.StringIO()
+body = code if "print(" in code[-1] else code[:-1]
+signal.signal(signal.SIGALRM, ring)
+signal.setitimer(signal.ITIMER_REAL, float(sys.argv[1]))
+try:
+    if "input(" in "\n".join(body):
+        raise RuntimeError()
+    with contextlib.redirect_stdout(out if body is code else open(os.devnull, "w")):
+        exec("\n".join(body), g := {})
+        result = out.getvalue() if body is code else eval(code[-1], g)
+    text, report = str(result), "Done"
+    pickle.dumps(result)
+except BaseException as e:
+    out.close()  # what a flood of output took, given back
+    text, report = "", traceback.format_exc().split("\n")[-2]
+    report = "timeout_decorator.timeout_decorator.TimeoutError: 'Timed Out'" if isinstance(e, Alarm) else report
+signal.setitimer(signal.ITIMER_REAL, 0)
+cut = lambda s: s[:200] + "..." + s[-200:] if len(s) > 400 else s
+os.write(1, ("\n" + json.dumps(cut(text.strip()) or cut(report.strip())) + "\n").encode())
+"""
+
+
+def run_program(program):
+    """The text the toolkit appends after running `program` (see CHILD). It runs in a new Python process
+    in an empty temporary directory, never in ours: CODE_TIMEOUT seconds, CODE_MEMORY bytes, 16 MiB of
+    output. A program stuck in C code past its alarm is killed ("Timeout Error", as the toolkit's
+    process pool says); one that crashes gets a line saying so."""
+    with tempfile.TemporaryDirectory() as tmp, open(os.path.join(tmp, ".result"), "w+b") as out:
+        proc = subprocess.Popen([sys.executable, "-c", CHILD, str(CODE_TIMEOUT), str(CODE_MEMORY)], cwd=tmp,
+                                stdin=subprocess.PIPE, stdout=out, stderr=subprocess.DEVNULL, start_new_session=True,
+                                env=dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1"))
+        try:
+            proc.communicate(program.encode("utf-8", "replace"), timeout=CODE_TIMEOUT + 1)
+        except subprocess.TimeoutExpired:
+            return "Timeout Error"
+        finally:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)  # the program's own children too
+            proc.wait()
+        out.seek(max(0, out.seek(0, 2) - 8192))
+        last = out.read().decode("utf-8", "replace").rstrip("\n").rsplit("\n", 1)[-1]
+    with contextlib.suppress(ValueError):
+        if proc.returncode == 0 and isinstance(json.loads(last), str):
+            return json.loads(last)
+    return f"RuntimeError: the program ended without a result (exit code {proc.returncode})"
+
+
+# -----------------------------------------------------------------------------
+# generation: the toolkit's rounds of greedy decoding with the model's code run in between
+
+
+@torch.no_grad()
+def generate(net, tok, prompts, stop_ids, budgets):
+    """Greedy completions of prompts (lists of token ids) in one left-padded batch, each cut at its first
+    stop token and after its own budget of new tokens -> (texts, new tokens)."""
+    config = greedy_config(max(budgets), stop_ids, tok.pad_token_id)  # greedy whatever the model ships
+    width, dev = max(map(len, prompts)), net.device
+    input_ids = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p in prompts], device=dev)  # (B, T)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=dev)  # (B, T)
+    out = net.generate(input_ids=input_ids, attention_mask=mask, generation_config=config)[:, width:].tolist()
+    texts, n_tokens = [], 0
+    for row, budget in zip(out, budgets):
+        cut = next((i for i, t in enumerate(row[:budget]) if t in stop_ids), len(row[:budget]))
+        texts.append(tok.decode(row[:cut], skip_special_tokens=True))
+        n_tokens += cut
+    return texts, n_tokens
+
+
+def solve(net, tok, stop_ids, questions):
+    """The toolkit's loop over one batch: up to MAX_ROUNDS calls of the model. After a call that ends on
+    a closed code block with no "boxed" in it, the program's output is appended and the model reads on
+    (the last round adds "Reach max function call limit."). Each call may write max_new_tokens (the
+    toolkit's max_tokens_per_call), within the model's context. -> (completions, programs run, tokens)"""
+    prompts = [PROMPT.format(question=q) for q in questions]
+    texts, rounds, n_tokens, todo = [""] * len(prompts), [0] * len(prompts), 0, list(range(len(prompts)))
+    context = getattr(net.config, "max_position_embeddings", None) or 1 << 30  # the toolkit's vLLM: max_model_len
+    for r in range(MAX_ROUNDS):
+        ids = {i: tok(prompts[i] + texts[i], add_special_tokens=False)["input_ids"] for i in todo}
+        todo = [i for i in todo if len(ids[i]) < context]  # a full context ends a completion
+        if not todo:
+            break
+        try:
+            outs, n = generate(net, tok, [ids[i] for i in todo], stop_ids,
+                               [min(max_new_tokens, context - len(ids[i])) for i in todo])
+        except torch.cuda.OutOfMemoryError:
+            die(f"CUDA out of memory generating {len(todo)} prompts at once; pass a smaller --batch-size", every_rank=True)
+        n_tokens += n
+        for i, out in zip(todo, outs):
+            texts[i] += out.rstrip()
+        todo = [i for i, out in zip(todo, outs) if not no_code_exec and "boxed" not in out and out.rstrip().endswith("```")]
+        for i in todo:  # one by one, as the toolkit
+            texts[i] += f"\n```output\n{run_program(extract_program(prompts[i] + texts[i]))}\n```\n"
+            texts[i] += "\nReach max function call limit." if r == MAX_ROUNDS - 1 else ""
+            rounds[i] += 1
+    return texts, rounds, n_tokens
+
+
+# -----------------------------------------------------------------------------
 # answer extraction (the toolkit's parser.py, re-written): last \boxed{}, "the answer is", last number
 
 
@@ -604,176 +775,6 @@ class Grader:
         if self.worker.is_alive():
             self.conn.send(None)
             self.worker.join()
-
-# -----------------------------------------------------------------------------
-# the stage: benchmarks
-
-
-def load_benchmark(name, data_dir):
-    """(path, problems [{idx, question, gt}]) of one benchmark, its file downloaded once (by rank 0)."""
-    path = os.path.join(data_dir, name, "test.jsonl")
-    if master and not os.path.exists(path):
-        download(DATA_URL.format(name), path)
-    barrier()
-    problems = {}
-    for n, record in read_jsonl(path, f"{name} benchmark file", with_lines=True):
-        idx = check_idx(record.get("idx", n - 1), f"{path}:{n}")
-        if idx in problems:
-            die(f"{path}:{n}: idx {idx!r} appears twice; every problem needs its own idx")
-        try:
-            problems[idx] = dict(idx=idx, question=parse_question(record, name), gt=parse_gt(record, name))
-        except (KeyError, IndexError, TypeError, AttributeError) as e:
-            die(f"{path}:{n}: not a {name} record in the toolkit's format ({type(e).__name__}: {e}); "
-                f"get the file from {DATA_URL.format(name)}")
-    if not problems:
-        die(f"{path} holds no problems; get the file from {DATA_URL.format(name)}")
-    return path, list(problems.values())
-
-
-def check_idx(idx, where):
-    """A whole number or a string: true and 0.0 would otherwise pass for problems 1 and 0."""
-    if isinstance(idx, bool) or not isinstance(idx, (int, str)):
-        die(f"{where}: idx {json.dumps(idx)} is not a whole number (or a string); fix that line")
-    return idx
-
-
-# -----------------------------------------------------------------------------
-# the model's code, run as the toolkit runs it (its trajectory.py and python_executor.py, re-written)
-
-
-def extract_program(text):
-    """The program the toolkit runs: the prompt and completion so far, read line by line into text,
-    ```python programs``` and ```output```s. Programs whose output looks like a success run again
-    (their print lines dropped, but the last program's), a failed one keeps only its import lines."""
-    parts, role, buf, lines = [], "text", "", text.split("\n")
-    for n, line in enumerate(lines):
-        starts, ends, output = line == "```python", line == "```" and role != "text", line.startswith("```output")
-        if (starts and role != "text") or (ends and role == "program" and not buf) or (output and role == "output" and buf):
-            return "raise ValueError('Invalid trajectory')"
-        if starts or ends:
-            parts += [(role, buf)] if buf or ends else []
-            role, buf = "program" if starts else "output" if role == "program" else "text", ""
-        elif not (output and role == "output"):
-            buf += line + ("\n" if n < len(lines) - 1 else "")
-    parts += [(role, buf)] if buf else []
-    programs, imports = [], []
-    for k, (role, content) in enumerate(parts):
-        after = parts[k + 1][1].lower() if k + 1 < len(parts) else ""
-        if role == "program" and any(w in after for w in ("error", "exception", "no algorithms", "cannot", "nan", "...")):
-            imports += [line for line in content.split("\n") if line.startswith(("import", "from"))]
-        elif role == "program":
-            programs.append(content)
-    programs = programs or [""]
-    programs[0] = "\n".join(imports) + "\n" + programs[0] if imports else programs[0]
-    drop_prints = lambda p: "\n".join(line for line in p.split("\n") if not line.strip().startswith("print("))  # noqa: E731
-    return "\n".join([drop_prints(p) for p in programs[:-1]] + programs[-1:])
-
-
-# The child process: the toolkit's executor, quirks included. With "print(" in the last line the whole
-# program runs and its stdout is the result, else the last line's value is; globals start empty;
-# "input(" is refused; an error reports the last line of its traceback; result and report are
-# stripped and cut to 200 + "..." + 200 characters; the result counts, else the report.
-CHILD = r"""
-import contextlib, io, json, os, pickle, resource, signal, sys, traceback
-for limit, size in ((resource.RLIMIT_AS, int(sys.argv[2])), (resource.RLIMIT_FSIZE, 16 << 20), (resource.RLIMIT_CORE, 0)):
-    resource.setrlimit(limit, (size, size))
-class Alarm(AssertionError): pass  # as the toolkit's timeout_decorator error
-def ring(*_): raise Alarm()
-code, out = sys.stdin.read().strip().split("\n"), io.StringIO()
-body = code if "print(" in code[-1] else code[:-1]
-signal.signal(signal.SIGALRM, ring)
-signal.setitimer(signal.ITIMER_REAL, float(sys.argv[1]))
-try:
-    if "input(" in "\n".join(body):
-        raise RuntimeError()
-    with contextlib.redirect_stdout(out if body is code else open(os.devnull, "w")):
-        exec("\n".join(body), g := {})
-        result = out.getvalue() if body is code else eval(code[-1], g)
-    text, report = str(result), "Done"
-    pickle.dumps(result)
-except BaseException as e:
-    out.close()  # what a flood of output took, given back
-    text, report = "", traceback.format_exc().split("\n")[-2]
-    report = "timeout_decorator.timeout_decorator.TimeoutError: 'Timed Out'" if isinstance(e, Alarm) else report
-signal.setitimer(signal.ITIMER_REAL, 0)
-cut = lambda s: s[:200] + "..." + s[-200:] if len(s) > 400 else s
-os.write(1, ("\n" + json.dumps(cut(text.strip()) or cut(report.strip())) + "\n").encode())
-"""
-
-
-def run_program(program):
-    """The text the toolkit appends after running `program` (see CHILD). It runs in a new Python process
-    in an empty temporary directory, never in ours: CODE_TIMEOUT seconds, CODE_MEMORY bytes, 16 MiB of
-    output. A program stuck in C code past its alarm is killed ("Timeout Error", as the toolkit's
-    process pool says); one that crashes gets a line saying so."""
-    with tempfile.TemporaryDirectory() as tmp, open(os.path.join(tmp, ".result"), "w+b") as out:
-        proc = subprocess.Popen([sys.executable, "-c", CHILD, str(CODE_TIMEOUT), str(CODE_MEMORY)], cwd=tmp,
-                                stdin=subprocess.PIPE, stdout=out, stderr=subprocess.DEVNULL, start_new_session=True,
-                                env=dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1"))
-        try:
-            proc.communicate(program.encode("utf-8", "replace"), timeout=CODE_TIMEOUT + 1)
-        except subprocess.TimeoutExpired:
-            return "Timeout Error"
-        finally:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.pid, signal.SIGKILL)  # the program's own children too
-            proc.wait()
-        out.seek(max(0, out.seek(0, 2) - 8192))
-        last = out.read().decode("utf-8", "replace").rstrip("\n").rsplit("\n", 1)[-1]
-    with contextlib.suppress(ValueError):
-        if proc.returncode == 0 and isinstance(json.loads(last), str):
-            return json.loads(last)
-    return f"RuntimeError: the program ended without a result (exit code {proc.returncode})"
-
-
-# -----------------------------------------------------------------------------
-# generation: the toolkit's rounds of greedy decoding with the model's code run in between
-
-
-@torch.no_grad()
-def generate(net, tok, prompts, stop_ids, budgets):
-    """Greedy completions of prompts (lists of token ids) in one left-padded batch, each cut at its first
-    stop token and after its own budget of new tokens -> (texts, new tokens)."""
-    config = greedy_config(max(budgets), stop_ids, tok.pad_token_id)  # greedy whatever the model ships
-    width, dev = max(map(len, prompts)), net.device
-    input_ids = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p in prompts], device=dev)  # (B, T)
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=dev)  # (B, T)
-    out = net.generate(input_ids=input_ids, attention_mask=mask, generation_config=config)[:, width:].tolist()
-    texts, n_tokens = [], 0
-    for row, budget in zip(out, budgets):
-        cut = next((i for i, t in enumerate(row[:budget]) if t in stop_ids), len(row[:budget]))
-        texts.append(tok.decode(row[:cut], skip_special_tokens=True))
-        n_tokens += cut
-    return texts, n_tokens
-
-
-def solve(net, tok, stop_ids, questions):
-    """The toolkit's loop over one batch: up to MAX_ROUNDS calls of the model. After a call that ends on
-    a closed code block with no "boxed" in it, the program's output is appended and the model reads on
-    (the last round adds "Reach max function call limit."). Each call may write max_new_tokens (the
-    toolkit's max_tokens_per_call), within the model's context. -> (completions, programs run, tokens)"""
-    prompts = [PROMPT.format(question=q) for q in questions]
-    texts, rounds, n_tokens, todo = [""] * len(prompts), [0] * len(prompts), 0, list(range(len(prompts)))
-    context = getattr(net.config, "max_position_embeddings", None) or 1 << 30  # the toolkit's vLLM: max_model_len
-    for r in range(MAX_ROUNDS):
-        ids = {i: tok(prompts[i] + texts[i], add_special_tokens=False)["input_ids"] for i in todo}
-        todo = [i for i in todo if len(ids[i]) < context]  # a full context ends a completion
-        if not todo:
-            break
-        try:
-            outs, n = generate(net, tok, [ids[i] for i in todo], stop_ids,
-                               [min(max_new_tokens, context - len(ids[i])) for i in todo])
-        except torch.cuda.OutOfMemoryError:
-            die(f"CUDA out of memory generating {len(todo)} prompts at once; pass a smaller --batch-size", every_rank=True)
-        n_tokens += n
-        for i, out in zip(todo, outs):
-            texts[i] += out.rstrip()
-        todo = [i for i, out in zip(todo, outs) if not no_code_exec and "boxed" not in out and out.rstrip().endswith("```")]
-        for i in todo:  # one by one, as the toolkit
-            texts[i] += f"\n```output\n{run_program(extract_program(prompts[i] + texts[i]))}\n```\n"
-            texts[i] += "\nReach max function call limit." if r == MAX_ROUNDS - 1 else ""
-            rounds[i] += 1
-    return texts, rounds, n_tokens
 
 
 # -----------------------------------------------------------------------------
