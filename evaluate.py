@@ -1001,3 +1001,5 @@ def report_page(eval_dir):
 
 if __name__ == "__main__" and master:  # runs after the stage above: the page shows what it wrote
     write_page(os.path.join(eval_dir, "report.html"), lambda: report_page(eval_dir))
+if __name__ == "__main__":
+    barrier()  # all processes end together, after rank 0's files and page (one leaving early can abort Gloo's exit)

@@ -457,3 +457,4 @@ if __name__ == "__main__":
     new_tokens = sum_over_ranks([new_tokens], dev)[0]
     if master:
         write_totals(len(questions), run_config, tokenizers, new_tokens, t_start)
+    barrier()  # all processes end together, after rank 0's files (one leaving early can abort Gloo's exit)
