@@ -297,20 +297,15 @@ def last_boxed(text):
     return tail[1:]
 
 
-def choice_letter(text, after_trigger_first=True):
+def choice_letter(text):
     """A multiple-choice letter: the first A-E after the last "answer is"/"choice is", else the last
-    standalone A-E anywhere (the toolkit upper-cases first, so a lone "a" counts too). With
-    after_trigger_first=False it is the grader's simpler variant: always the last letter."""
-    text = text.strip("\n")
-    trigger = False
-    if after_trigger_first:
-        if text.count("choice is") > 1 or text.count("answer is") > 1:
-            text = text.split("\n\n")[0]  # the toolkit's few-shot guard: keep the first block
-        parts = re.split("choice is|answer is", text)
-        trigger, text = len(parts) > 1, parts[-1]
-    text = text.strip("\n").rstrip(".").rstrip("/").strip(" ").lstrip(":")
+    standalone A-E anywhere (the toolkit upper-cases first, so a lone "a" counts too)."""
+    if text.count("choice is") > 1 or text.count("answer is") > 1:
+        text = text.strip("\n").split("\n\n")[0]  # the toolkit's few-shot guard: keep the first block
+    parts = re.split("choice is|answer is", text.strip("\n"))
+    text = parts[-1].strip("\n").rstrip(".").rstrip("/").strip(" ").lstrip(":")
     letters = re.findall(r"\b(A|B|C|D|E)\b", text.upper())
-    pred = (letters[0] if trigger else letters[-1]) if letters else text.strip().strip(".")
+    pred = (letters[0] if len(parts) > 1 else letters[-1]) if letters else text.strip().strip(".")
     return pred.rstrip(".").rstrip("/")
 
 
@@ -483,17 +478,12 @@ def math_equal(pred, gt):
         return False
     if pred.strip().lower() == gt.strip().lower():
         return True
-    if gt in ("A", "B", "C", "D", "E") and choice_letter(pred, after_trigger_first=False) == gt:
-        return True
     p, g = to_float(pred), to_float(gt)
     if p is not None and g is not None:  # two numbers: decided here, never by sympy
         return any(math.isclose(x, p, rel_tol=1e-4) for x in (g / 100, g, g * 100))
     if not pred:
         return False
     pred, gt = pred.strip(), gt.strip()
-    if "pmatrix" in pred and "pmatrix" not in gt:  # "{1,2}" as a column (the toolkit's "\\" slip kept)
-        gt = ", ".join("\\begin{pmatrix}" + m.strip("{}").replace(",", "\\") + "\\end{pmatrix}"
-                       for m in re.findall(r"\{.*,.*\}", gt))
     p, g = pred, gt
     if (pred.startswith("[") and pred.endswith("]") and not gt.startswith("(")) or \
             (pred.startswith("(") and pred.endswith(")") and not gt.startswith("[")):
@@ -546,7 +536,7 @@ def symbolic_equal(a, b):
 # reading an answer into sympy. The toolkit tries sympy's parse_latex, then parse_expr, which runs
 # the text as Python (a model's answer could create files). We read LaTeX with a small parser of
 # our own that builds sympy objects directly from a fixed vocabulary: numbers, letters, \commands
-# as symbols, + - * / : ^ ! |x|, \frac \sqrt \binom and a list of functions. Anything else is not
+# as symbols, + - * / : ^ ! |x| \lfloor \lceil, \frac \sqrt and a list of functions. Anything else is not
 # math and stays a string, as in the toolkit when its parsers fail. parse_latex's quirks that
 # change verdicts are kept ("quirk"); the first: it reads the longest prefix that parses ("2,3" is
 # 2, "10{,}000" is 10, "\frac{1}{2}.I hope" is 1/2).
@@ -670,33 +660,23 @@ class MathReader:
             return self.function(self.eat()[1:])
         return self.atom(nofunc)
 
-    def function(self, name):  # \sin x, \sin^2(x), \sin^{-1} x, \log_2 8, \ln x
+    def function(self, name):  # \sin x, \sin^2(x), \log_{2} 8, \ln x
         scripts = {}
         while self.peek() in ("_", "^") and self.peek() not in scripts:
-            if self.peek(1).isdigit() and len(self.peek(1)) > 1 and not self.peek(2):  # "\log_2 8" is "\log_28" here:
-                self.toks[self.pos + 1:self.pos + 2] = [self.peek(1)[:-1], self.peek(1)[-1]]  # quirk: it is log_2 8
-            key = self.peek()  # (read first: script() moves on)
-            scripts[key] = self.script()
+            scripts.update([(self.peek(), self.script())])  # (the key is read before script() moves on)
         arg = self.maybe(lambda: (self.eat("("), self.expr(), self.eat(")"))[1]) if self.peek() == "(" else None
         arg = self.term(nofunc=True) if arg is None else arg  # "\sin 2x" is sin(2x); "\sin x \cos x" a product
-        sub, sup = scripts.get("_"), scripts.get("^")
-        if name in ("log", "ln"):
-            f = sympy.log(arg, sympy.E if sub is None else sub, evaluate=False)  # quirk: \log is natural
-        elif sup == -1 and name in ("sin", "cos", "tan"):
-            return getattr(sympy, "a" + name)(arg, evaluate=False)  # \sin^{-1} is arcsin
-        else:
-            f = FUNCTIONS[name](arg, evaluate=False)
-        return f if sup is None else sympy.Pow(f, sup, evaluate=False)
+        f = sympy.log(arg, scripts.get("_", sympy.E), evaluate=False) if name in ("log", "ln") else \
+            FUNCTIONS[name](arg, evaluate=False)  # quirk: \log is natural
+        return sympy.Pow(f, scripts["^"], evaluate=False) if "^" in scripts else f
 
     def atom(self, nofunc=False):
         t = self.eat()
         if t[:1].isdigit():  # "1,000" is 1000 ("2." is no number: the lexer fails on it, above)
             return sympy.Float(t.replace(",", "")) if "." in t else sympy.Integer(int(t.replace(",", "")))
-        if t in ("\\frac", "\\dfrac", "\\binom"):
-            top, bottom = self.braced(), self.braced()
-            inverse = sympy.Pow(bottom, -1, evaluate=False)
-            return sympy.binomial(top, bottom, evaluate=False) if t == "\\binom" else \
-                inverse if top == 1 else sympy.Mul(top, inverse, evaluate=False)
+        if t in ("\\frac", "\\dfrac"):
+            top, inverse = self.braced(), sympy.Pow(self.braced(), -1, evaluate=False)
+            return inverse if top == 1 else sympy.Mul(top, inverse, evaluate=False)
         if t == "\\sqrt":
             root = (self.eat(), self.expr(), self.eat("]"))[1] if self.peek() == "[" else None
             base = self.braced()
@@ -708,8 +688,6 @@ class MathReader:
         name = t.lstrip("\\")  # quirk: \pi, \alpha, \text, \mathrm... are symbols (\pi is not 3.14...)
         if self.peek() == "_":
             name += "_{" + str(self.script()) + "}"
-        while self.peek() == "'":
-            name += self.eat()  # primes: "f'" is a name
         if self.peek() == "(" and not nofunc and (args := self.maybe(self.call_args)) is not None:
             return sympy.Function(name)(*args)  # quirk: "f(x)" and "x(x+1)" are function calls
         return sympy.Symbol(name)
