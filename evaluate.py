@@ -127,42 +127,32 @@ def last_boxed(text):
     return tail[1:]
 
 
-def choice_letter(text, after_trigger_first=True):
+def choice_letter(text):
     """A multiple-choice letter: the first A-E after the last "answer is"/"choice is", else the last
-    standalone A-E anywhere (the toolkit upper-cases first, so a lone "a" counts too). With
-    after_trigger_first=False it is the grader's simpler variant: always the last letter."""
-    text = text.strip("\n")
-    trigger = False
-    if after_trigger_first:
-        if text.count("choice is") > 1 or text.count("answer is") > 1:
-            text = text.split("\n\n")[0]  # the toolkit's few-shot guard: keep the first block
-        parts = re.split("choice is|answer is", text)
-        trigger, text = len(parts) > 1, parts[-1]
-    text = text.strip("\n").rstrip(".").rstrip("/").strip(" ").lstrip(":")
+    standalone A-E anywhere (the toolkit upper-cases first, so a lone "a" counts too)."""
+    if text.count("choice is") > 1 or text.count("answer is") > 1:
+        text = text.strip("\n").split("\n\n")[0]  # the toolkit's few-shot guard: keep the first block
+    parts = re.split("choice is|answer is", text.strip("\n"))
+    text = parts[-1].strip("\n").rstrip(".").rstrip("/").strip(" ").lstrip(":")
     letters = re.findall(r"\b(A|B|C|D|E)\b", text.upper())
-    pred = (letters[0] if trigger else letters[-1]) if letters else text.strip().strip(".")
+    pred = (letters[0] if len(parts) > 1 else letters[-1]) if letters else text.strip().strip(".")
     return pred.rstrip(".").rstrip("/")
 
 
 def extract_answer(text, name):
-    text = text.replace("\u043a\u0438", "")  # the toolkit drops this stray marker ("ки")
     if name == "mmlu_stem":
         return choice_letter(text)
+    marker = next((m for m in ("he answer is", "final answer is") if m in text), None)
     if "final answer is $" in text and "$. I hope" in text:  # Minerva's answer sentence
         pred = text.split("final answer is $", 1)[1].split("$. I hope", 1)[0].strip()
     elif "boxed" in text:
         pred = last_boxed(text)
-    elif "he answer is" in text:
-        pred = text.split("he answer is")[-1].strip()
-    elif "final answer is" in text:
-        pred = text.split("final answer is")[-1].strip()
-    elif "答案是" in text:
-        pred = text.split("答案是")[1].strip().split("\n\n")[0].strip()
+    elif marker:  # "The answer is 5", else "final answer is 5"
+        pred = text.split(marker)[-1].strip()
     else:  # no marked answer: the last number, commas dropped
         numbers = re.findall(r"-?\d*\.?\d+", text.replace(",", ""))
         pred = numbers[-1] if numbers else ""
-    pred = re.sub(r"\n\s*", "", pred)
-    pred = pred[1:] if pred.startswith(":") else pred
+    pred = re.sub(r"\n\s*", "", pred).removeprefix(":")
     pred = pred[:-1] if pred.endswith(".") else pred
     pred = pred[:-1] if pred.endswith("/") else pred
     return normalize(pred, skip_unit=name == "minerva_math")  # Minerva answers keep their units
@@ -193,36 +183,25 @@ NUMBER_WORDS.update(hundred=100, thousand=1000, million=10**6, billion=10**9)
 
 def words_to_number(text):
     """The toolkit passes every answer through word2number, which reads the number words anywhere
-    in the string and ignores the other words ("two apples" -> "2"); we follow its rules."""
+    in the string and ignores the other words ("two apples" -> "2", "one point five" -> "1.5").
+    We read them the usual way; word2number's slips on odd word orders ("twenty one hundred" is
+    120 there, 2100 here) and its refusals of repeated multipliers are not kept."""
     s = text.replace("-", " ").lower()
     if s.isdigit():
         return str(int(s)) if len(s) < 4000 else text  # "007" -> "7" (int() refuses huge numbers)
     words = [w for w in s.split() if w in NUMBER_WORDS or w == "point"]
-    if not words or any(words.count(w) > 1 for w in ("thousand", "million", "billion", "point")):
+    if not words or words.count("point") > 1:
         return text
-    words, decimals = (words[:words.index("point")], words[words.index("point") + 1:]) if "point" in words else (words, [])
-    marks = [words.index(w) if w in words else -1 for w in ("billion", "million", "thousand")]
-    if [m for m in marks if m > -1] != sorted(m for m in marks if m > -1):
-        return text  # "thousand million" is no number
-
-    def group(ws):  # word2number's number_formation: "two hundred five" -> 205 (IndexError on [])
-        v = [NUMBER_WORDS[w] for w in ws]
-        return v[0] * v[1] + sum(v[2:]) if len(v) in (3, 4) else (v[0] * v[1] if 100 in v else v[0] + v[1]) if len(v) == 2 else v[0]
-
-    try:
-        total, start = (NUMBER_WORDS[words[0]], 0) if len(words) == 1 else (0, 0)
-        for mark, scale in zip(marks, (10**9, 10**6, 1000)) if len(words) > 1 else ():
-            if mark > -1:
-                total, start = total + group(words[start:mark]) * scale, mark + 1
-        # what follows the last multiplier that is not the last word (all words if there is none)
-        tail = next((m for m in marks[::-1] if -1 < m != len(words) - 1), None)
-        rest = words[tail + 1:] if tail is not None else words if max(marks) == -1 and len(words) > 1 else []
-        total += group(rest) if rest else 0
-        if decimals:  # "point one five" -> .15; any other word after "point" makes it 0
-            total += float("0." + "".join(str(NUMBER_WORDS[w]) for w in decimals)) if all(NUMBER_WORDS[w] < 10 for w in decimals) else 0
-    except (IndexError, KeyError):
-        return text
-    return str(total)
+    whole, _, decimals = " ".join(words).partition("point")
+    total = part = 0
+    for value in (NUMBER_WORDS[w] for w in whole.split()):
+        if value >= 1000:  # "two hundred thousand": the part so far times a thousand
+            total, part = total + max(part, 1) * value, 0
+        else:  # "two hundred" is 2 * 100, "twenty one" is 20 + 1
+            part = max(part, 1) * value if value == 100 else part + value
+    digits = [NUMBER_WORDS[w] for w in decimals.split()]  # "point one five" -> .15; other words: none
+    fraction = float("0." + "".join(map(str, digits))) if digits and max(digits) < 10 else 0
+    return str(total + part + fraction)
 
 
 def fix_fracs(s):
@@ -235,14 +214,10 @@ def fix_fracs(s):
 
 def fix_slash(s):
     """'3/4' -> '\\frac{3}{4}' when both sides are integers written plainly (or contain sqrt)."""
-    if s.count("/") != 1:
-        return s
-    a, b = s.split("/")
-    try:
-        a, b = (x if "sqrt" in x else int(x) for x in (a, b))
-    except ValueError:
-        return s
-    return f"\\frac{{{a}}}{{{b}}}" if s == f"{a}/{b}" else s
+    parts = s.split("/")
+    if len(parts) == 2 and all("sqrt" in x or re.fullmatch(r"-?[1-9][0-9]*|0", x) for x in parts):
+        return "\\frac{%s}{%s}" % tuple(parts)
+    return s
 
 
 def normalize(s, skip_unit=False):
@@ -333,17 +308,12 @@ def math_equal(pred, gt):
         return False
     if pred.strip().lower() == gt.strip().lower():
         return True
-    if gt in ("A", "B", "C", "D", "E") and choice_letter(pred, after_trigger_first=False) == gt:
-        return True
     p, g = to_float(pred), to_float(gt)
     if p is not None and g is not None:  # two numbers: decided here, never by sympy
         return any(math.isclose(x, p, rel_tol=1e-4) for x in (g / 100, g, g * 100))
     if not pred:
         return False
     pred, gt = pred.strip(), gt.strip()
-    if "pmatrix" in pred and "pmatrix" not in gt:  # "{1,2}" as a column (the toolkit's "\\" slip kept)
-        gt = ", ".join("\\begin{pmatrix}" + m.strip("{}").replace(",", "\\") + "\\end{pmatrix}"
-                       for m in re.findall(r"\{.*,.*\}", gt))
     p, g = pred, gt
     if (pred.startswith("[") and pred.endswith("]") and not gt.startswith("(")) or \
             (pred.startswith("(") and pred.endswith(")") and not gt.startswith("[")):
@@ -396,7 +366,7 @@ def symbolic_equal(a, b):
 # reading an answer into sympy. The toolkit tries sympy's parse_latex, then parse_expr, which runs
 # the text as Python (a model's answer could create files). We read LaTeX with a small parser of
 # our own that builds sympy objects directly from a fixed vocabulary: numbers, letters, \commands
-# as symbols, + - * / : ^ ! |x|, \frac \sqrt \binom and a list of functions. Anything else is not
+# as symbols, + - * / : ^ ! |x| \lfloor \lceil, \frac \sqrt and a list of functions. Anything else is not
 # math and stays a string, as in the toolkit when its parsers fail. parse_latex's quirks that
 # change verdicts are kept ("quirk"); the first: it reads the longest prefix that parses ("2,3" is
 # 2, "10{,}000" is 10, "\frac{1}{2}.I hope" is 1/2).
@@ -405,9 +375,8 @@ JOIN_DIGITS = re.compile(r"(?<=\d)(?:\s|\\[,:;! ])+(?=\d)")  # quirk: "15\,840" 
 TOKEN = re.compile(r"(?P<skip>(?:\s|\\[,:;! ]|\\(?:left|right|quad|qquad|displaystyle)(?![a-zA-Z]))+)"
                    r"|(?P<num>\d+(?:,\d{3})*(?:\.\d*)?)|\\[a-zA-Z]+|\\[{}]|[a-zA-Z]|[-+*/^_!()\[\]{}|=<>:,.']|(?P<bad>.)",
                    re.ASCII | re.DOTALL)
-FUNCTIONS = {"sin": sympy.sin, "cos": sympy.cos, "tan": sympy.tan, "csc": sympy.csc, "sec": sympy.sec,
-             "cot": sympy.cot, "sinh": sympy.sinh, "cosh": sympy.cosh, "tanh": sympy.tanh, "arcsin": sympy.asin,
-             "arccos": sympy.acos, "arctan": sympy.atan, "exp": sympy.exp, "log": sympy.log, "ln": sympy.log}
+FUNCTIONS = dict(arcsin=sympy.asin, arccos=sympy.acos, arctan=sympy.atan, ln=sympy.log,
+                 **{f: getattr(sympy, f) for f in "sin cos tan csc sec cot sinh cosh tanh exp log".split()})
 RELATIONS = {"=": sympy.Eq, "<": sympy.Lt, ">": sympy.Gt, "\\le": sympy.Le, "\\leq": sympy.Le,
              "\\ge": sympy.Ge, "\\geq": sympy.Ge, "\\neq": sympy.Ne}  # quirk: "\ne" is a symbol
 TIMES, DIVIDE = ("*", "\\times", "\\cdot"), ("/", "\\div", ":")  # quirk: "3:4" is 3/4
@@ -417,12 +386,8 @@ NOT_SYMBOLS = {"frac", "dfrac", "sqrt", "binom", "times", "cdot", "div", "int", 
                "lfloor", "rfloor", "lceil", "rceil"} | set(FUNCTIONS)
 
 
-class NotMath(ValueError):  # not math we read: the answer stays a string
-    pass
-
-
-class NoMatch(NotMath):  # a rule does not match here: an optional part just ends (see maybe)
-    pass
+class NotMath(ValueError): pass  # not math we read: the answer stays a string
+class NoMatch(NotMath): pass  # a rule does not match here: an optional part just ends (see maybe)
 
 
 def read_math(s):
@@ -496,18 +461,14 @@ class MathReader:
         items = [self.factor(nofunc)]
         while (item := self.maybe(self.factor, nofunc)) is not None:
             items.append(item)
-        out = items[-1]
-        for k in range(len(items) - 2, -1, -1):  # Mul(a, Mul(b, c)), as parse_latex builds it
-            if 0 < k and str(items[k]) == "x" and items[k - 1].is_Number and items[k + 1].is_Number:
-                continue  # quirk: "2x3" is 2*3
-            out = sympy.Mul(items[k], out, evaluate=False)
+        out = items.pop()
+        while items:  # Mul(a, Mul(b, c)), as parse_latex builds it
+            out = sympy.Mul(items.pop(), out, evaluate=False)
         return out
 
     def factor(self, nofunc):
         e = self.comp(nofunc)
         while self.peek() == "^" and (p := self.maybe(self.script)) is not None:
-            if self.peek() == "_":
-                self.maybe(self.script)  # "x^2_a": read, and ignored
             e = sympy.Pow(e, p, evaluate=False)
         while self.peek() == "!":
             e = sympy.factorial((self.eat(), e)[1], evaluate=False)
@@ -529,34 +490,23 @@ class MathReader:
             return self.function(self.eat()[1:])
         return self.atom(nofunc)
 
-    def function(self, name):  # \sin x, \sin^2(x), \sin^{-1} x, \log_2 8, \ln x
+    def function(self, name):  # \sin x, \sin^2(x), \log_{2} 8, \ln x
         scripts = {}
-        for _ in range(2):
-            if self.peek() in ("_", "^") and self.peek(1).isdigit() and len(self.peek(1)) > 1 and not self.peek(2):
-                self.toks[self.pos + 1:self.pos + 2] = [self.peek(1)[:-1], self.peek(1)[-1]]  # quirk: "\log_28" is log_2 8
-            if self.peek() in ("_", "^") and self.peek() not in scripts:
-                key = self.peek()  # (not in the subscript: script() moves on before it is read)
-                scripts[key] = self.script()
+        while self.peek() in ("_", "^") and self.peek() not in scripts:
+            scripts.update([(self.peek(), self.script())])  # (the key is read before script() moves on)
         arg = self.maybe(lambda: (self.eat("("), self.expr(), self.eat(")"))[1]) if self.peek() == "(" else None
         arg = self.term(nofunc=True) if arg is None else arg  # "\sin 2x" is sin(2x); "\sin x \cos x" a product
-        sub, sup = scripts.get("_"), scripts.get("^")
-        if name in ("log", "ln"):
-            f = sympy.log(arg, sympy.E if sub is None else sub, evaluate=False)  # quirk: \log is natural
-        elif sup == -1 and name in ("sin", "cos", "tan"):
-            return getattr(sympy, "a" + name)(arg, evaluate=False)  # \sin^{-1} is arcsin
-        else:
-            f = FUNCTIONS[name](arg, evaluate=False)
-        return f if sup is None else sympy.Pow(f, sup, evaluate=False)
+        f = sympy.log(arg, scripts.get("_", sympy.E), evaluate=False) if name in ("log", "ln") else \
+            FUNCTIONS[name](arg, evaluate=False)  # quirk: \log is natural
+        return sympy.Pow(f, scripts["^"], evaluate=False) if "^" in scripts else f
 
     def atom(self, nofunc=False):
         t = self.eat()
         if t[:1].isdigit():  # "1,000" is 1000 ("2." is no number: the lexer fails on it, above)
             return sympy.Float(t.replace(",", "")) if "." in t else sympy.Integer(int(t.replace(",", "")))
-        if t in ("\\frac", "\\dfrac", "\\binom"):
-            top, bottom = self.braced(), self.braced()
-            inverse = sympy.Pow(bottom, -1, evaluate=False)
-            return sympy.binomial(top, bottom, evaluate=False) if t == "\\binom" else \
-                inverse if top == 1 else sympy.Mul(top, inverse, evaluate=False)
+        if t in ("\\frac", "\\dfrac"):
+            top, inverse = self.braced(), sympy.Pow(self.braced(), -1, evaluate=False)
+            return inverse if top == 1 else sympy.Mul(top, inverse, evaluate=False)
         if t == "\\sqrt":
             root = (self.eat(), self.expr(), self.eat("]"))[1] if self.peek() == "[" else None
             base = self.braced()
@@ -568,8 +518,6 @@ class MathReader:
         name = t.lstrip("\\")  # quirk: \pi, \alpha, \text, \mathrm... are symbols (\pi is not 3.14...)
         if self.peek() == "_":
             name += "_{" + str(self.script()) + "}"
-        while self.peek() == "'":
-            name += self.eat()  # primes: "f'" is a name
         if self.peek() == "(" and not nofunc and (args := self.maybe(self.call_args)) is not None:
             return sympy.Function(name)(*args)  # quirk: "f(x)" and "x(x+1)" are function calls
         return sympy.Symbol(name)
@@ -589,62 +537,52 @@ class MathReader:
 
 
 def grade_worker(conn):
+    """Grades jobs until None. The answer goes first, so that a comparison that runs out of time
+    still shows it. An error counts as wrong (the toolkit's pool would stop the whole run)."""
     while (job := conn.recv()) is not None:
         completion, gt, name = job
-        try:
+        pred = correct = None
+        with contextlib.suppress(Exception):
             pred = predict(completion, name, gt)
-        except Exception:  # the toolkit's pool would stop the whole run here; one answer is wrong instead
-            pred = None
-        conn.send(pred)  # first the answer, so that a comparison that runs out of time still shows it
-        try:
-            conn.send(bool(math_equal(pred, gt)))
-        except Exception:
-            conn.send(False)
+        conn.send(pred)
+        with contextlib.suppress(Exception):
+            correct = math_equal(pred, gt)
+        conn.send(bool(correct))
 
 
 class Grader:
     """grade(completion, gt, name) -> (pred, correct, timed_out). Each completion is graded in a
     forked worker, which is replaced when it overruns `timeout` seconds (the answer then counts as
     wrong, its pred None if it was not even extracted). The worker is forked at once, so create the
-    Grader before a model touches CUDA."""
+    Grader before a model touches CUDA. Needs fork (Linux, macOS)."""
 
     def __init__(self, timeout):
-        self.timeout, self.worker, self.timeouts = timeout, None, 0
-        self.ctx = multiprocessing.get_context("fork") if "fork" in multiprocessing.get_all_start_methods() else None
+        self.timeout, self.timeouts = timeout, 0
         self.start()
 
     def start(self):
-        if self.ctx is not None and self.worker is None:
-            self.conn, child = self.ctx.Pipe()
-            self.worker = self.ctx.Process(target=grade_worker, args=(child,), daemon=True)
-            self.worker.start()
+        self.conn, child = multiprocessing.Pipe()
+        self.worker = multiprocessing.get_context("fork").Process(target=grade_worker, args=(child,), daemon=True)
+        self.worker.start()
 
     def grade(self, completion, gt, name):
-        if self.ctx is None:  # no fork (Windows): grade in this process, without a time limit
-            pred = predict(completion, name, gt)
-            return pred, math_equal(pred, gt), False
-        self.start()
         self.conn.send((completion, gt, name))
         deadline, answers = time.monotonic() + self.timeout, []
-        while len(answers) < 2 and self.conn.poll(max(0.0, deadline - time.monotonic())):
-            try:
+        with contextlib.suppress(EOFError):  # the worker died (out of memory?): as if out of time
+            while len(answers) < 2 and self.conn.poll(max(0.0, deadline - time.monotonic())):
                 answers.append(self.conn.recv())
-            except EOFError:  # the worker died (out of memory?): a new one takes the next answer
-                break
         if len(answers) == 2:
             return answers[0], answers[1], False
         self.worker.kill()
         self.worker.join()
-        self.worker, self.timeouts = None, self.timeouts + 1
+        self.timeouts += 1
         self.start()  # the next answer's worker, forked now
         return (answers or [None])[0], False, True
 
     def close(self):
-        if self.worker is not None:
+        if self.worker.is_alive():
             self.conn.send(None)
             self.worker.join()
-            self.worker = None
-
 
 # -----------------------------------------------------------------------------
 # the stage: benchmarks

@@ -107,10 +107,10 @@ def test_agreement_with_official_labels_on_realistic_completions():
 @pytest.mark.parametrize("text,expected", [
     ("2+", "2"), ("2,3", "2"), ("10{,}000", "10"), ("1,000", "1000"), ("15\\,840", "15840"), ("2 3", "23"),
     ("\\frac{1}{2}\\pi", "pi/2"), ("2x", "2*x"), ("x(x+1)", "x(x + 1)"), ("2^10", "2**10"), ("x^ab", "b*x**a"),
-    ("10^-3", "10"), ("\\sqrt[3]{8}", "8**(1/3)"), ("\\log 100", "log(100, E)"), ("\\log_2 8", "log(8, 2)"),
-    ("\\sin^2 x", "sin(x)**2"), ("\\sin x \\cos x", "sin(x)*cos(x)"), ("\\tan^{-1} 1", "atan(1)"), ("a_n", "a_{n}"),
+    ("10^-3", "10"), ("\\sqrt[3]{8}", "8**(1/3)"), ("\\log 100", "log(100, E)"), ("\\log_{2} 8", "log(8, 2)"),
+    ("\\sin^2 x", "sin(x)**2"), ("\\sin x \\cos x", "sin(x)*cos(x)"), ("a_n", "a_{n}"),
     ("|x||y|", "Abs(x)*Abs(y)"), ("3!", "factorial(3)"), ("\\infty", "oo"), ("x=2", "Eq(x, 2)"), ("3\\sqrt2", "3"),
-    ("1.5\\text{ cm}", "1.5*(text*(c*m))"), ("3:4", "3/4"), ("2x3", "2*3"), ("1.77e-6", "1.77*e - 6"),
+    ("1.5\\text{ cm}", "1.5*(text*(c*m))"), ("3:4", "3/4"), ("1.77e-6", "1.77*e - 6"),
     ("2\\times10^{5}", "2*10**5"), ("\\frac{1}{2}.Ihopethishelps!", "1/2"), ("2.5.3", "2.50000000000000"),
     ("1+(2", "1"), ("x_10", "x_{10}"), ("1\\ne 2", "1*(ne*2)"),
 ])
@@ -131,6 +131,12 @@ def test_math_reader_leaves_as_strings_what_sympy_parse_latex_rejects(text):
     ("\\sum_{i=1}^{3}i", "6", True, False),
     ("{1,2}", "{2,1}", True, True),  # but sets of plain items are (parse_expr reads "{1,2}" as a set)
     ("x**2+1", "x^2+1", False, False),  # parse_latex reads "x**2+1" as x: both say wrong
+    # parse_latex quirks and rules we left out, each deciding almost none of the 25,465 checks (README)
+    ("2x3", "6", True, False),  # parse_latex reads "2x3" as 2*3; we read 2*x*3
+    ("\\log_2 8", "3", True, False),  # digits joined across the space: log_2 8 there, unread here
+    ("\\tan^{-1}x", "\\arctan x", True, False),  # arctan there, 1/tan(x) here
+    ("\\binom{5}{2}", "10", True, False),  # \binom is not read
+    ("(A)5", "A", True, False),  # a letter in a longer answer (predict() has already found the letter)
 ])
 def test_known_differences_from_the_toolkit(pred, gt, toolkit, ours):
     assert E.math_equal(pred, gt) == ours
@@ -200,7 +206,7 @@ def test_normalisation_is_linear_in_long_digit_runs():
 @pytest.mark.parametrize("text,expected", [
     ("five", "5"), ("two apples", "2"), ("twenty-one", "21"), ("one hundred five", "105"),
     ("three thousand two hundred", "3200"), ("one point five", "1.5"), ("007", "7"), ("point", "0"),
-    ("hello", "hello"), ("one thousand one thousand", "one thousand one thousand"), ("\\text{two}", "\\text{two}"),
+    ("hello", "hello"), ("two million three hundred thousand", "2300000"), ("\\text{two}", "\\text{two}"),
 ])
 def test_number_words_follow_word2number(text, expected):
     assert E.words_to_number(text) == expected
