@@ -460,8 +460,13 @@ def write_page(path, make):
 
 
 # -----------------------------------------------------------------------------
-# resuming safely (added for evaluate.py; sample.py and train.py do the same by hand): a record of
-# what made a directory's files, and the part files of several processes merged into one
+# resuming safely: what made a directory's files must match, and the part files of several
+# processes are merged into one
+
+
+def differing(old, new):
+    """The keys whose values differ between two configurations (a resume needs none)."""
+    return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
 
 
 def check_record(path, record, outputs, fix):
@@ -470,7 +475,7 @@ def check_record(path, record, outputs, fix):
     old = read_json(path, fix=fix) if os.path.exists(path) else None
     if old is not None and old != record:
         die(f"{os.path.dirname(path)} holds files made with another "
-            f"{', '.join(k for k in record if old.get(k) != record[k]) or 'configuration'} (see {path}); {fix}")
+            f"{', '.join(differing(old, record))} (see {path}); {fix}")
     if old is None and outputs:
         die(f"{os.path.dirname(path)} holds {os.path.basename(outputs[0])} but no {os.path.basename(path)} saying "
             f"what made it; {fix}")

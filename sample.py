@@ -29,8 +29,8 @@ import time
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
-from common import (RANK, WORLD_SIZE, append_jsonl, barrier, chat_prompt_ids, complete_lines, die, download, esc,
-                    greedy_config, heat, init_distributed, load_model, load_tokenizer, lock_dir, make_dir, master,
+from common import (RANK, WORLD_SIZE, append_jsonl, barrier, chat_prompt_ids, complete_lines, die, differing,
+                    download, esc, greedy_config, heat, init_distributed, load_model, load_tokenizer, lock_dir, make_dir, master,
                     page, parse_flags, pick_dtype, position_ids, read_json, read_jsonl, stop_token_ids,
                     sum_over_ranks, write_json, write_jsonl, write_page)
 
@@ -207,8 +207,7 @@ def check_out_dir(run_config):
         old = read_json(config_path, fix).get("config")
         if not isinstance(old, dict):
             die(f"{config_path} is damaged (no \"config\" object); {fix}")
-        diff = sorted(k for k in set(old) | set(run_config) if old.get(k) != run_config.get(k))
-        if diff:
+        if diff := differing(old, run_config):
             die(f"{out_dir} holds a sampling run with another configuration ({', '.join(diff)} differ); "
                 "pass a new --out-dir or delete the old one")
     elif any(os.path.exists(os.path.join(out_dir, f)) for f in ("samples.jsonl", "rollouts.jsonl", "parts")):

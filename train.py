@@ -40,7 +40,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from common import (RANK, WORLD_SIZE, append_jsonl, barrier, chat_prompt_ids, chat_prompt_text, complete_lines, die,
-                    esc, init_distributed, load_model, load_tokenizer, lock_dir, make_dir, master, page, parse_flags,
+                    differing, esc, init_distributed, load_model, load_tokenizer, lock_dir, make_dir, master, page, parse_flags,
                     pick_device, pick_dtype, read_json, read_jsonl, sum_over_ranks, write_json, write_jsonl, write_page)
 
 # -----------------------------------------------------------------------------
@@ -320,8 +320,7 @@ def prepare_out_dir(run_config):
     if resume and os.path.exists(config_path):
         old = read_json(config_path, fix="delete it to resume with the flags of this command (they must be the "
                                          "run's own), or pass a fresh --out-dir").get("config", {})
-        diff = sorted(k for k in set(old) | set(run_config) if old.get(k) != run_config.get(k))
-        if diff:
+        if diff := differing(old, run_config):
             die(f"{out_dir} holds a training run with another configuration ({', '.join(diff)} differ); "
                 "run with the same flags to resume, or pass a fresh --out-dir")
     found = load_checkpoint(os.path.join(out_dir, "checkpoints")) if resume and master else None

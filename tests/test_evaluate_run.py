@@ -348,7 +348,7 @@ def test_stale_rows_are_refused_naming_what_differs(tiny_models, tmp_path, capsy
     other = dict(model=str(tmp_path / "elsewhere" / "expert"), adapter=None, dtype="torch.float32", max_new_tokens=16,
                  code_exec=True, prompt=E.PROMPT)
     (tag_dir / "run.json").write_text(json.dumps(other))
-    one_line_error(*run_inprocess(args, capsys, monkeypatch), "model, max_new_tokens", str(tag_dir))
+    one_line_error(*run_inprocess(args, capsys, monkeypatch), "max_new_tokens, model", str(tag_dir))
 
 
 def test_a_model_being_evaluated_in_the_same_out_dir_is_refused(tiny_models, tmp_path, capsys, monkeypatch):
