@@ -236,47 +236,53 @@ def run_program(program):
 @torch.no_grad()
 def generate(net, tok, prompts, stop_ids, budgets):
     """Greedy completions of prompts (lists of token ids) in one left-padded batch, each cut at its first
-    stop token and after its own budget of new tokens -> (texts, new tokens)."""
+    stop token and after its own budget of new tokens -> (texts, new tokens, which ran out of budget)."""
     config = greedy_config(max(budgets), stop_ids, tok.pad_token_id)  # greedy whatever the model ships
     width, dev = max(map(len, prompts)), net.device
     input_ids = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p in prompts], device=dev)  # (B, T)
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=dev)  # (B, T)
     out = net.generate(input_ids=input_ids, attention_mask=mask, generation_config=config)[:, width:].tolist()
-    texts, n_tokens = [], 0
+    texts, n_tokens, cut_off = [], 0, []
     for row, budget in zip(out, budgets):
         cut = next((i for i, t in enumerate(row[:budget]) if t in stop_ids), len(row[:budget]))
         texts.append(tok.decode(row[:cut], skip_special_tokens=True))
         n_tokens += cut
-    return texts, n_tokens
+        cut_off.append(cut == budget)  # no stop token within the budget: cut off mid-thought
+    return texts, n_tokens, cut_off
 
 
 def solve(net, tok, stop_ids, questions):
     """The toolkit's loop over one batch: up to MAX_ROUNDS calls of the model. After a call that ends on
     a closed code block with no "boxed" in it, the program's output is appended and the model reads on
     (the last round adds "Reach max function call limit."). Each call may write max_new_tokens (the
-    toolkit's max_tokens_per_call), within the model's context. -> (completions, programs run, tokens)"""
+    toolkit's max_tokens_per_call), within the model's context. -> (completions, programs run, whether
+    each was cut off at the token limit, tokens)"""
     prompts = [PROMPT.format(question=q) for q in questions]
     texts, rounds, n_tokens, todo = [""] * len(prompts), [0] * len(prompts), 0, list(range(len(prompts)))
+    cut_off = [False] * len(prompts)
     context = getattr(net.config, "max_position_embeddings", None) or 1 << 30  # the toolkit's vLLM: max_model_len
     for r in range(MAX_ROUNDS):
         ids = {i: tok(prompts[i] + texts[i], add_special_tokens=False)["input_ids"] for i in todo}
-        todo = [i for i in todo if len(ids[i]) < context]  # a full context ends a completion
+        for i in todo:
+            cut_off[i] = len(ids[i]) >= context  # a full context ends a completion, cut off
+        todo = [i for i in todo if not cut_off[i]]
         if not todo:
             break
         try:
-            outs, n = generate(net, tok, [ids[i] for i in todo], stop_ids,
-                               [min(max_new_tokens, context - len(ids[i])) for i in todo])
+            outs, n, cuts = generate(net, tok, [ids[i] for i in todo], stop_ids,
+                                     [min(max_new_tokens, context - len(ids[i])) for i in todo])
         except torch.cuda.OutOfMemoryError:
             die(f"CUDA out of memory generating {len(todo)} prompts at once; pass a smaller --batch-size", every_rank=True)
         n_tokens += n
-        for i, out in zip(todo, outs):
+        for i, out, cut in zip(todo, outs, cuts):
             texts[i] += out.rstrip()
+            cut_off[i] = cut  # what the last call did
         todo = [i for i, out in zip(todo, outs) if not no_code_exec and "boxed" not in out and out.rstrip().endswith("```")]
         for i in todo:  # one by one, as the toolkit
             texts[i] += f"\n```output\n{run_program(extract_program(prompts[i] + texts[i]))}\n```\n"
             texts[i] += "\nReach max function call limit." if r == MAX_ROUNDS - 1 else ""
             rounds[i] += 1
-    return texts, rounds, n_tokens
+    return texts, rounds, cut_off, n_tokens
 
 
 # -----------------------------------------------------------------------------
@@ -764,8 +770,8 @@ def key_of(row):  # a job's or row's key: its idx; a completions file may hold s
 
 
 def run_jobs(name, jobs, rows_path, grader, desc, make=None):
-    """Grade `jobs` (problems with a "completion", or make(batch) -> (completions,
-    programs run, new tokens) writes them) into rows_path, keeping rows already there. Under torchrun
+    """Grade `jobs` (problems with a "completion", or make(batch) -> (completions, programs run,
+    cut off or not, new tokens) writes them) into rows_path, keeping rows already there. Under torchrun
     the batches are dealt out (batch k to rank k mod N); each rank appends its rows to its own part
     file, rank 0 merges them. -> (rows of these jobs on rank 0, new tokens)"""
     if master:
@@ -778,12 +784,14 @@ def run_jobs(name, jobs, rows_path, grader, desc, make=None):
     bar = tqdm(total=sum(map(len, batches)), desc=desc, unit="problem", dynamic_ncols=True, disable=not master)
     for batch in batches:
         todo = [j for j in batch if key_of(j) not in done]
-        texts, rounds, n = make(todo) if make and todo else ([j.get("completion") for j in todo], [0] * len(todo), 0)
+        saved = ([j.get("completion") for j in todo], [0] * len(todo), [None] * len(todo), 0)
+        texts, rounds, cut_off, n = make(todo) if make and todo else saved
         rows = []
-        for j, text, k in zip(todo, texts, rounds):
+        for j, text, k, cut in zip(todo, texts, rounds, cut_off):
             pred, ok, late = grader.grade(text, j["gt"], name)
             rows.append({f: j[f] for f in ("idx", "line", "question", "gt") if f in j})
             rows[-1].update(completion=text, pred=pred, correct=ok, rounds=k, timed_out=late)
+            rows[-1].update({} if cut is None else dict(cut_off=cut))  # saved completions: not known
         append_jsonl(part, rows)
         n_tokens, graded, correct = n_tokens + n, graded + len(rows), correct + sum(r["correct"] for r in rows)
         bar.update(len(batch))

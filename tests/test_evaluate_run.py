@@ -78,7 +78,8 @@ def test_base_and_merged_adapter_rows_summary_and_table(runs):
         for name in ("gsm8k", "mmlu_stem"):
             rows = rows_of(tag_dir / f"{name}.jsonl")
             assert [r["idx"] for r in rows] == [0, 1, 2]
-            assert set(rows[0]) == {"idx", "question", "gt", "completion", "pred", "correct", "rounds", "timed_out"}
+            assert set(rows[0]) == {"idx", "question", "gt", "completion", "pred", "correct", "rounds", "timed_out",
+                                    "cut_off"}
         summary = json.load(open(tag_dir / "summary.json"))
         assert summary["gsm8k"]["n"] == 3 and summary["gsm8k"]["code_rounds"] == [3, 0, 0, 0, 0]
         assert summary["gsm8k"]["grade_timeouts"] == 0
@@ -167,7 +168,8 @@ def stub_model(monkeypatch, reply, context=10**6):
     def generate(net, tok, prompts, stop_ids, budgets):
         texts = ["".join(map(chr, p)) for p in prompts]
         calls.append((texts, budgets))
-        return [reply(t) for t in texts], sum(budgets)
+        outs = [reply(t) for t in texts]
+        return outs, sum(budgets), [len(o) >= b for o, b in zip(outs, budgets)]  # one token per character
     monkeypatch.setattr(E, "generate", generate)
     return SimpleNamespace(config=SimpleNamespace(max_position_embeddings=context)), calls
 
@@ -178,7 +180,7 @@ def test_a_turn_ending_on_code_runs_it_appends_the_output_and_generation_goes_on
             return "Let me compute.\n```python\nx = 6 * 7\nprint(x)\n```\n\n"
         return "So the answer is \\boxed{42}." if "product" in prompt else "It is \\boxed{2}.\n```python\nprint(1)\n```"
     net, calls = stub_model(monkeypatch, reply)
-    texts, rounds, _ = E.solve(net, CharTokenizer(), [0], ["What is the product of 6 and 7?", "1+1?"])
+    texts, rounds, *_ = E.solve(net, CharTokenizer(), [0], ["What is the product of 6 and 7?", "1+1?"])
     assert texts[0] == "Let me compute.\n```python\nx = 6 * 7\nprint(x)\n```\n```output\n42\n```\nSo the answer is \\boxed{42}."
     assert texts[1] == "It is \\boxed{2}.\n```python\nprint(1)\n```"  # a boxed answer: no code is run
     assert rounds == [1, 0] and len(calls) == 2 and len(calls[1][0]) == 1  # only the first goes on
@@ -187,7 +189,7 @@ def test_a_turn_ending_on_code_runs_it_appends_the_output_and_generation_goes_on
 
 def test_four_rounds_at_most_then_the_toolkits_limit_line(monkeypatch):
     net, calls = stub_model(monkeypatch, lambda prompt: "```python\nprint(len('" + "x" * prompt.count("```output") + "'))\n```")
-    texts, rounds, _ = E.solve(net, CharTokenizer(), [0], ["loop"])
+    texts, rounds, *_ = E.solve(net, CharTokenizer(), [0], ["loop"])
     assert rounds == [4] and len(calls) == 4
     assert texts[0].endswith("```\n```output\n3\n```\n\nReach max function call limit.")
 
@@ -201,9 +203,19 @@ def test_no_code_exec_grades_the_completion_as_it_stands(monkeypatch):
 def test_every_call_may_write_max_new_tokens_within_the_models_context(monkeypatch):
     prompt = E.PROMPT.format(question="q")
     net, calls = stub_model(monkeypatch, lambda p: "```python\nprint(1)\n```", context=len(prompt) + 40)
-    texts, rounds, _ = E.solve(net, CharTokenizer(), [0], ["q"])
+    texts, rounds, cut_off, _ = E.solve(net, CharTokenizer(), [0], ["q"])
     # 22 characters of code and 17 of output: 1 left for the second call, none for a third
-    assert [budgets for _, budgets in calls] == [[40], [1]] and rounds == [2]
+    assert [budgets for _, budgets in calls] == [[40], [1]] and rounds == [2] and cut_off == [True]
+
+
+def test_a_completion_that_writes_its_whole_budget_is_marked_cut_off(tiny_models):
+    tok, net = E.load_tokenizer(tiny_models["expert"]), E.load_model(tiny_models["expert"], "cpu", torch.float32)
+    prompts = [tok("Janet has 3 ducks")["input_ids"], tok("2 + 2")["input_ids"]]
+    texts, n, cut_off = E.generate(net, tok, prompts, [], [5, 3])  # no stop token: each runs to its budget
+    assert cut_off == [True, True] and n == 8
+    every_token = list(range(net.config.vocab_size))
+    texts, n, cut_off = E.generate(net, tok, prompts, every_token, [5, 3])  # the first token stops it
+    assert cut_off == [False, False] and n == 0 and texts == ["", ""]
 
 
 def test_out_of_memory_ends_in_one_line_naming_the_flag(monkeypatch, capsys):
@@ -369,4 +381,5 @@ def test_grading_that_runs_out_of_time_counts_wrong_and_is_counted(tmp_path, cap
     assert code == 0, err
     rows = rows_of(tmp_path / "eval" / "c" / "gsm8k.jsonl")
     assert [(r["line"], r["correct"], r["timed_out"]) for r in rows][0] == (1, False, True)
+    assert "cut_off" not in rows[0]  # a saved completion: whether it was cut off is not known
     assert json.load(open(tmp_path / "eval" / "c" / "summary.json"))["gsm8k"]["grade_timeouts"] >= 1
