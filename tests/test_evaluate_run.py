@@ -1,9 +1,9 @@
 """
 Stage 3 (evaluate.py) as a run: generation with the toolkit's code-execution rounds, the executor,
-the one grading/writing path (resume, several processes), the merged adapter, the report page, and
-every mistake a user can make ending in one line. The grader itself is tested in test_evaluate.py.
+the one grading/writing path (resume, several processes), the merged adapter, and every mistake a
+user can make ending in one line. The grader is tested in test_evaluate.py, the pages in
+test_evaluate_page.py.
 """
-import html.parser
 import json
 import os
 import runpy
@@ -90,6 +90,15 @@ def test_base_and_merged_adapter_rows_summary_and_table(runs):
     completions = lambda d: [r["completion"] for r in rows_of(d / "gsm8k.jsonl")]  # noqa: E731
     assert completions(base) != completions(tuned)  # the adapter changes what the model writes
     assert not [f for f in os.listdir(base) if ".rank" in f]  # part files merged and gone
+
+
+def test_the_run_writes_its_pages_and_counts_completions_cut_off_at_the_token_limit(runs):
+    eval_dir = runs.root / "one" / "eval"
+    rows = [r for t in ("expert", "expert+lora") for r in rows_of(eval_dir / t / "gsm8k.jsonl")]
+    cut = len({r["idx"] for r in rows if r["cut_off"]})
+    assert cut >= 1  # 8 new tokens: a random model's greedy completions run out of them
+    assert f"gsm8k, cut off at the token limit: {cut}</h3>" in open(eval_dir / "report.html").read()
+    assert open(eval_dir / "gsm8k.html").read().count("<details id=p") == 3  # every problem
 
 
 def test_two_processes_under_torchrun_give_the_same_rows_and_summary(runs):
@@ -265,40 +274,6 @@ def test_a_program_that_hangs_crashes_or_floods_costs_one_answer(monkeypatch):
     assert E.run_program("import os\nwhile True: os.write(1, b'x' * 65536)\nprint(1)").startswith("RuntimeError: the program ended")
     assert E.run_program("while True: print('x' * 10**8)") == "MemoryError"
     assert E.run_program("open('f', 'w').write('x')\nprint(1)") == "1" and not os.path.exists("f")  # in a temporary dir
-
-
-# -----------------------------------------------------------------------------
-# out/eval/report.html
-
-
-class Page(html.parser.HTMLParser):
-    def __init__(self, text):
-        super().__init__()
-        self.tags, self.text = [], []
-        self.feed(text)
-
-    def handle_starttag(self, tag, attrs):
-        self.tags.append((tag, dict(attrs)))
-
-    def handle_data(self, data):
-        self.text.append(data)
-
-
-def test_report_shows_the_table_and_the_differing_verdicts_escaped(tmp_path):
-    evil = "<script>alert(1)</script><img src=x onerror=alert(2)>"
-    for tag, answers in (("m", [True, True, False]), ("m+lora", [True, False, True])):
-        os.makedirs(tmp_path / tag)
-        rows = [dict(idx=i, question=f"{evil} question {i}", gt="5", completion=f"{evil} \\boxed{{{i}}}", pred=evil,
-                     correct=ok, rounds=0, timed_out=False) for i, ok in enumerate(answers)]
-        (tmp_path / tag / "gsm8k.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        (tmp_path / tag / "summary.json").write_text(json.dumps({"gsm8k": dict(n=3, correct=sum(answers),
-                                                                                accuracy=round(100 * sum(answers) / 3, 2))}))
-    page = Page(E.report_page(str(tmp_path)))
-    assert not [t for t, _ in page.tags if t in ("script", "img")] and not any("onerror" in a for _, a in page.tags)
-    assert [t for t, _ in page.tags].count("details") == 2 and not any("open" in a for t, a in page.tags if t == "details")
-    text = "".join(page.text)
-    assert f"{evil} question 1" in text and f"{evil} question 2" in text and f"{evil} question 0" not in text
-    assert "66.7 +0.0" in text.replace("\n", " ") and "2 verdicts differ between m and m+lora" in text
 
 
 # -----------------------------------------------------------------------------
