@@ -1058,11 +1058,11 @@ def problem_html(idx, pairs, anchor=""):
 
 def bench_section(b, problems, views):
     """report.html's part for one benchmark: each view with its count and its first SHOWN problems."""
-    counts = " · ".join(f"{esc(v)}: {len(ids)}" for v, ids in views.items())
+    counts = " · ".join(f"<a href=\"#{b}{k}\">{esc(v)}</a>: {len(ids)}" for k, (v, ids) in enumerate(views.items()))
     html = [f"<h2 id=\"{b}\">{b}: {len(problems)} problems</h2><p>{counts}; every problem in "
             f"<a href=\"{b}.html\">{b}.html</a></p>"]
     for k, (v, ids) in enumerate(views.items()):
-        html.append(f"<h3>{b}, {esc(v)}: {len(ids)}</h3>")
+        html.append(f"<h3 id=\"{b}{k}\">{b}, {esc(v)}: {len(ids)}</h3>")
         html += [problem_html(i, problems[i]) for i in ids[:SHOWN]]
         if len(ids) > SHOWN:
             html.append(f"<p>… and {len(ids) - SHOWN} more in <a href=\"{b}.html#view{k}\">{b}.html</a></p>")
