@@ -12,6 +12,7 @@ import html
 import json
 import math
 import os
+import re
 import socket
 import sys
 import urllib.parse
@@ -427,9 +428,15 @@ pre, .mono { font-family: ui-monospace, monospace; white-space: pre-wrap; }
 """
 
 
+# Unicode's bidi controls (ALM, LRM, RLM, LRE ... RLO, LRI ... PDI) reorder the text around them: a
+# model's "\u202e81" would display as "18". esc() shows each one by name, as text.
+BIDI = re.compile("[\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
 def esc(x):
-    """Text from data or a model, made safe to put inside HTML (also inside attribute values)."""
-    return html.escape(str(x), quote=True)
+    """Text from data or a model, made safe to put inside HTML (also inside attribute values), its bidi
+    controls made visible ("[U+202E]") so that they cannot reorder what is shown."""
+    return BIDI.sub(lambda m: f"[U+{ord(m[0]):04X}]", html.escape(str(x), quote=True))
 
 
 def heat(x, hi):

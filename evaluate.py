@@ -11,9 +11,10 @@ Python code run in between), so our numbers compare with the paper's.
     torchrun --standalone --nproc_per_node 8 evaluate.py --bench all   # one process per GPU
 
 Benchmarks: data/<bench>/test.jsonl (the toolkit's files, downloaded once). Writes out/eval/<tag>/
-<bench>.jsonl (a graded row per problem), summary.json and run.json (what made the rows), and
-out/eval/report.html. Kill it at any moment and run it again: graded problems are kept. Like the
-toolkit it runs the model's Python (in another process, 5 s and 4 GiB at most): --no-code-exec.
+<bench>.jsonl (a graded row per problem), summary.json and run.json (what made the rows), and the
+pages out/eval/report.html and out/eval/<bench>.html. Kill it at any moment and run it again: graded
+problems are kept. Like the toolkit it runs the model's Python (in another process, 5 s and 4 GiB at
+most): --no-code-exec.
 """
 import contextlib
 import glob
@@ -236,47 +237,53 @@ def run_program(program):
 @torch.no_grad()
 def generate(net, tok, prompts, stop_ids, budgets):
     """Greedy completions of prompts (lists of token ids) in one left-padded batch, each cut at its first
-    stop token and after its own budget of new tokens -> (texts, new tokens)."""
+    stop token and after its own budget of new tokens -> (texts, new tokens, which ran out of budget)."""
     config = greedy_config(max(budgets), stop_ids, tok.pad_token_id)  # greedy whatever the model ships
     width, dev = max(map(len, prompts)), net.device
     input_ids = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p in prompts], device=dev)  # (B, T)
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=dev)  # (B, T)
     out = net.generate(input_ids=input_ids, attention_mask=mask, generation_config=config)[:, width:].tolist()
-    texts, n_tokens = [], 0
+    texts, n_tokens, cut_off = [], 0, []
     for row, budget in zip(out, budgets):
         cut = next((i for i, t in enumerate(row[:budget]) if t in stop_ids), len(row[:budget]))
         texts.append(tok.decode(row[:cut], skip_special_tokens=True))
         n_tokens += cut
-    return texts, n_tokens
+        cut_off.append(cut == budget)  # no stop token within the budget: cut off mid-thought
+    return texts, n_tokens, cut_off
 
 
 def solve(net, tok, stop_ids, questions):
     """The toolkit's loop over one batch: up to MAX_ROUNDS calls of the model. After a call that ends on
     a closed code block with no "boxed" in it, the program's output is appended and the model reads on
     (the last round adds "Reach max function call limit."). Each call may write max_new_tokens (the
-    toolkit's max_tokens_per_call), within the model's context. -> (completions, programs run, tokens)"""
+    toolkit's max_tokens_per_call), within the model's context. -> (completions, programs run, whether
+    each was cut off at the token limit, tokens)"""
     prompts = [PROMPT.format(question=q) for q in questions]
     texts, rounds, n_tokens, todo = [""] * len(prompts), [0] * len(prompts), 0, list(range(len(prompts)))
+    cut_off = [False] * len(prompts)
     context = getattr(net.config, "max_position_embeddings", None) or 1 << 30  # the toolkit's vLLM: max_model_len
     for r in range(MAX_ROUNDS):
         ids = {i: tok(prompts[i] + texts[i], add_special_tokens=False)["input_ids"] for i in todo}
-        todo = [i for i in todo if len(ids[i]) < context]  # a full context ends a completion
+        for i in todo:
+            cut_off[i] = len(ids[i]) >= context  # a full context ends a completion, cut off
+        todo = [i for i in todo if not cut_off[i]]
         if not todo:
             break
         try:
-            outs, n = generate(net, tok, [ids[i] for i in todo], stop_ids,
-                               [min(max_new_tokens, context - len(ids[i])) for i in todo])
+            outs, n, cuts = generate(net, tok, [ids[i] for i in todo], stop_ids,
+                                     [min(max_new_tokens, context - len(ids[i])) for i in todo])
         except torch.cuda.OutOfMemoryError:
             die(f"CUDA out of memory generating {len(todo)} prompts at once; pass a smaller --batch-size", every_rank=True)
         n_tokens += n
-        for i, out in zip(todo, outs):
+        for i, out, cut in zip(todo, outs, cuts):
             texts[i] += out.rstrip()
+            cut_off[i] = cut  # what the last call did
         todo = [i for i, out in zip(todo, outs) if not no_code_exec and "boxed" not in out and out.rstrip().endswith("```")]
         for i in todo:  # one by one, as the toolkit
             texts[i] += f"\n```output\n{run_program(extract_program(prompts[i] + texts[i]))}\n```\n"
             texts[i] += "\nReach max function call limit." if r == MAX_ROUNDS - 1 else ""
             rounds[i] += 1
-    return texts, rounds, n_tokens
+    return texts, rounds, cut_off, n_tokens
 
 
 # -----------------------------------------------------------------------------
@@ -764,8 +771,8 @@ def key_of(row):  # a job's or row's key: its idx; a completions file may hold s
 
 
 def run_jobs(name, jobs, rows_path, grader, desc, make=None):
-    """Grade `jobs` (problems with a "completion", or make(batch) -> (completions,
-    programs run, new tokens) writes them) into rows_path, keeping rows already there. Under torchrun
+    """Grade `jobs` (problems with a "completion", or make(batch) -> (completions, programs run,
+    cut off or not, new tokens) writes them) into rows_path, keeping rows already there. Under torchrun
     the batches are dealt out (batch k to rank k mod N); each rank appends its rows to its own part
     file, rank 0 merges them. -> (rows of these jobs on rank 0, new tokens)"""
     if master:
@@ -778,12 +785,14 @@ def run_jobs(name, jobs, rows_path, grader, desc, make=None):
     bar = tqdm(total=sum(map(len, batches)), desc=desc, unit="problem", dynamic_ncols=True, disable=not master)
     for batch in batches:
         todo = [j for j in batch if key_of(j) not in done]
-        texts, rounds, n = make(todo) if make and todo else ([j.get("completion") for j in todo], [0] * len(todo), 0)
+        saved = ([j.get("completion") for j in todo], [0] * len(todo), [None] * len(todo), 0)
+        texts, rounds, cut_off, n = make(todo) if make and todo else saved
         rows = []
-        for j, text, k in zip(todo, texts, rounds):
+        for j, text, k, cut in zip(todo, texts, rounds, cut_off):
             pred, ok, late = grader.grade(text, j["gt"], name)
             rows.append({f: j[f] for f in ("idx", "line", "question", "gt") if f in j})
             rows[-1].update(completion=text, pred=pred, correct=ok, rounds=k, timed_out=late)
+            rows[-1].update({} if cut is None else dict(cut_off=cut))  # saved completions: not known
         append_jsonl(part, rows)
         n_tokens, graded, correct = n_tokens + n, graded + len(rows), correct + sum(r["correct"] for r in rows)
         bar.update(len(batch))
@@ -932,49 +941,170 @@ if __name__ == "__main__":
         print(f"{len(runs)} model(s) x {len(names)} benchmark(s) in {wall:.0f}s"
               + ("" if completions else f", {n_tokens} tokens generated ({n_tokens / wall:.1f} tokens/s)")
               + f"; {timeouts} answer(s) whose grading ran out of time (counted wrong); rows, summary.json and "
-              f"report.html in {eval_dir}")
+              f"the pages (report.html) in {eval_dir}")
 
 
 # -----------------------------------------------------------------------------
-# out/eval/report.html: a view of the row files and summaries of every model in out/eval, rebuilt
-# after each run from those files alone. Everything from the data or a model goes through esc().
+# the pages, rebuilt after each run from the files in out/eval alone: report.html (the comparison table,
+# then per benchmark the views a reader wants first, each with its count and its first SHOWN problems)
+# and <bench>.html (every problem). Everything from data or a model goes through esc(); a damaged
+# file or line is left out and the page says so.
+
+SHOWN = 10  # problems of each view shown in report.html (every one is in <bench>.html)
+REPORT_CSS = (".models { display: grid; grid-template-columns: repeat(auto-fit, minmax(26em, 1fr)); gap: 1em; } "
+              "pre { background: #f6f6f6; padding: 0.5em; } summary { cursor: pointer; } .ok { color: #070; } "
+              ".no { color: #b00; } .python, .output { display: block; } .python { background: #e4ebfa; } "
+              ".output { background: #e2f2e2; } .ans { unicode-bidi: bidi-override; direction: ltr; } "
+              "details[open] { border-left: 3px solid #ddd; padding-left: 0.6em; }")
+MARKS = {"timed_out": "grading timed out", "cut_off": "cut off at the token limit"}  # row field: its view
+
+
+def read_rows(path, notes):
+    """The rows of a rows file that have an idx and a verdict; how many lines were not goes to notes."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            lines = [line for line in f if line.strip()]
+    except OSError as e:
+        notes.append(f"{path} cannot be read ({e.strerror}); its rows are left out")
+        return []
+    rows = []
+    for line in lines:
+        with contextlib.suppress(ValueError, RecursionError):
+            rows.append(json.loads(line))
+    rows = [r for r in rows if isinstance(r, dict) and isinstance(r.get("idx"), (int, str))
+            and isinstance(r.get("correct"), bool)]
+    if len(rows) < len(lines):
+        notes.append(f"{path}: {len(lines) - len(rows)} damaged line(s) left out")
+    return rows
+
+
+def load_eval(eval_dir):
+    """({tag: summary}, {tag: {bench: rows}}, notes) of each model directory in eval_dir with a summary."""
+    summary, rows, notes = {}, {}, []
+    for tag in sorted(os.listdir(eval_dir)):
+        path, s = os.path.join(eval_dir, tag, "summary.json"), None
+        if not os.path.isfile(path):
+            continue
+        with contextlib.suppress(OSError, ValueError, RecursionError), open(path, encoding="utf-8") as f:
+            s = json.load(f)
+        if not (isinstance(s, dict) and all(isinstance(v, dict) and isinstance(v.get("accuracy"), (int, float))
+                                            for v in s.values())):
+            notes.append(f"{path} is damaged; {tag} is left out")
+            continue
+        summary[tag] = s
+        rows[tag] = {b: read_rows(os.path.join(eval_dir, tag, f"{b}.jsonl"), notes)
+                     for b in s if b in BENCHMARKS}
+    return summary, rows, notes
+
+
+def comparison_table(summary, base_of):
+    """Accuracy per benchmark and model; in bold a tuned model "<base>+<adapter>"'s gain over <base>."""
+    html = ["<table><tr><th>benchmark</th>" + "".join(f"<th>{esc(t)}</th>" for t in summary) + "</tr>"]
+    for b in [b for b in BENCHMARKS if any(b in s for s in summary.values())]:
+        html.append(f"<tr><td><a href=\"#{b}\">{b}</a></td>")
+        for t in summary:
+            s, base = summary[t].get(b), summary.get(base_of.get(t), {}).get(b)
+            delta = f" <b>{s['accuracy'] - base['accuracy']:+.1f}</b>" if s and base else ""
+            html.append(f"<td>{s['accuracy']:.1f}{delta} <span class=muted>n={esc(s.get('n'))}</span></td>"
+                        if s else "<td></td>")
+        html.append("</tr>")
+    html.append("</table><p class=muted>accuracy in %; in bold a tuned model's gain over its base, in points</p>")
+    return "\n".join(html)
+
+
+def views(problems, base_of):
+    """The views a reader wants first, {title: [idx, ...]}: each tuned model's flips against its base,
+    the problems every model got wrong, those whose grading ran out of time, and those with a
+    completion cut off at the token limit (written before an answer, mostly)."""
+    verdict = lambda p, t: next((r["correct"] for u, r in p if u == t), None)  # noqa: E731 (its first row)
+    out = {}
+    for tuned, base in base_of.items():
+        for was in (True, False):
+            out[f"{base} {'right' if was else 'wrong'} → {tuned} {'wrong' if was else 'right'}"] = [
+                i for i, p in problems.items() if verdict(p, base) is was and verdict(p, tuned) is (not was)]
+    out["wrong for every model"] = [i for i, p in problems.items() if not any(r["correct"] for _, r in p)]
+    for field, title in MARKS.items():
+        out[title] = [i for i, p in problems.items() if any(r.get(field) for _, r in p)]
+    return out
+
+
+def completion_html(text):
+    """A completion as it was written, its programs and their outputs (the toolkit's ```python and
+    ```output blocks) set off as code and as output."""
+    parts = re.split(r"(```(?:python|output)\n.*?```\n?)", text, flags=re.S)  # odd parts: the blocks
+    html = (f"<span class={p[3:9]}>{esc(p)}</span>" if k % 2 else esc(p) for k, p in enumerate(parts))
+    return "<pre>" + "".join(html) + "</pre>"
+
+
+def problem_html(idx, pairs, anchor=""):
+    """One problem, collapsed, its summary line giving each model's answer and verdict beside the ground
+    truth. Open: the question, then per model the answer, marks and its completion (collapsed again)."""
+    first = pairs[0][1]
+    short = lambda x: esc(str(x)[:40] + "…" * (len(str(x)) > 40))  # noqa: E731
+    mark = lambda r: "<b class=ok>right</b>" if r["correct"] else "<b class=no>wrong</b>"  # noqa: E731
+    head = " · ".join(f"{esc(t)} <span class=ans>{short(r.get('pred'))}</span> {mark(r)}" for t, r in pairs)
+    html = [f"<details{anchor}><summary>idx {esc(idx)} · ground truth <span class=ans>{short(first.get('gt'))}"
+            f"</span> · {head}</summary><pre>{esc(first.get('question'))}</pre><div class=models>"]
+    for t, r in pairs:
+        text, rounds = str(r.get("completion")), r.get("rounds")
+        marks = [f"line {esc(r['line'])}"] if "line" in r else []  # saved completions: the file's line
+        marks += [f"{esc(rounds)} program(s) run"] * bool(rounds) + [m for f, m in MARKS.items() if r.get(f)]
+        html.append(f"<div><b>{esc(t)}</b> {mark(r)}: <span class=ans>{esc(r.get('pred'))}</span>, ground truth "
+                    f"<span class=ans>{esc(r.get('gt'))}</span> <span class=muted>{' · '.join(marks)}"
+                    f"</span><details><summary>completion, {len(text):,} characters</summary>"
+                    f"{completion_html(text)}</details></div>")
+    return "\n".join(html) + "</div></details>"
+
+
+def bench_section(b, problems, views):
+    """report.html's part for one benchmark: each view with its count and its first SHOWN problems."""
+    counts = " · ".join(f"<a href=\"#{b}{k}\">{esc(v)}</a>: {len(ids)}" for k, (v, ids) in enumerate(views.items()))
+    html = [f"<h2 id=\"{b}\">{b}: {len(problems)} problems</h2><p>{counts}; every problem in "
+            f"<a href=\"{b}.html\">{b}.html</a></p>"]
+    for k, (v, ids) in enumerate(views.items()):
+        html.append(f"<h3 id=\"{b}{k}\">{b}, {esc(v)}: {len(ids)}</h3>")
+        html += [problem_html(i, problems[i]) for i in ids[:SHOWN]]
+        if len(ids) > SHOWN:
+            html.append(f"<p>… and {len(ids) - SHOWN} more in <a href=\"{b}.html#view{k}\">{b}.html</a></p>")
+    return "\n".join(html)
+
+
+def bench_page(b, problems, views):
+    """<bench>.html: each view as a list of links, then every problem in the benchmark's order."""
+    number = {i: n for n, i in enumerate(problems)}  # anchors p0, p1, ...: an idx may be any string
+    html = [f"<p><a href=\"report.html\">report.html</a> · {len(problems)} problems</p>"]
+    for k, (v, ids) in enumerate(views.items()):
+        html.append(f"<h3 id=view{k}>{esc(v)}: {len(ids)}</h3><p>"
+                    + " ".join(f"<a href=\"#p{number[i]}\">{esc(i)}</a>" for i in ids) + "</p>")
+    html.append("<h2>every problem</h2>")
+    html += [problem_html(i, p, f" id=p{number[i]}") for i, p in problems.items()]
+    return page(f"LightReasoner evaluation: {b}", "\n".join(html), css=REPORT_CSS)
+
+
+def benchmark_sections(eval_dir, rows, base_of):
+    """Per benchmark, report.html's section; its every problem goes to <bench>.html (written here)."""
+    sections = []
+    for b in [b for b in BENCHMARKS if any(b in r for r in rows.values())]:
+        have = {t: r[b] for t, r in rows.items() if b in r}  # the models that ran b, their rows by idx:
+        problems = {}
+        for t, rs in have.items():
+            for r in rs:
+                problems.setdefault(r["idx"], []).append((t, r))
+        v = views(problems, {t: base for t, base in base_of.items() if t in have and base in have})
+        write_page(os.path.join(eval_dir, f"{b}.html"), lambda: bench_page(b, problems, v))
+        sections.append(bench_section(b, problems, v))
+    return sections
 
 
 def report_page(eval_dir):
-    """The comparison table (benchmarks x models; a tuned model "<base>+<adapter>" with its delta to
-    <base>), then per benchmark the problems whose verdict differs between base and tuned model: the
-    question, the ground truth, both predictions and both completions side by side, collapsed."""
-    def load(path):  # a JSON file, or the rows of a JSONL file; an error ends in write_page's warning
-        with open(path, encoding="utf-8") as f:
-            return json.load(f) if path.endswith(".json") else [json.loads(line) for line in f if line.strip()]
-
-    tags = sorted(t for t in os.listdir(eval_dir) if os.path.isfile(os.path.join(eval_dir, t, "summary.json")))
-    summary = {t: load(os.path.join(eval_dir, t, "summary.json")) for t in tags}
-    base_of = {t: t.rsplit("+", 1)[0] for t in tags if "+" in t and t.rsplit("+", 1)[0] in summary}
-    names = [b for b in BENCHMARKS if any(b in s for s in summary.values())]
-    html = ["<table><tr><th>benchmark</th>" + "".join(f"<th>{esc(t)}</th>" for t in tags) + "</tr>"]
-    for b in names:
-        html.append(f"<tr><td>{esc(b)}</td>")
-        for t in tags:
-            s, base = summary[t].get(b), summary.get(base_of.get(t), {}).get(b)
-            delta = f" <b>{s['accuracy'] - base['accuracy']:+.1f}</b>" if s and base else ""
-            html.append(f"<td>{s['accuracy']:.1f}{delta} <span class=muted>n={esc(s['n'])}</span></td>" if s else "<td></td>")
-        html.append("</tr>")
-    html.append("</table><p class=muted>accuracy in %; in bold a tuned model's gain over its base model, in points</p>")
-    for tuned, base in base_of.items():
-        for b in [b for b in names if b in summary[base] and b in summary[tuned]]:
-            x, y = ({r["idx"]: r for r in load(os.path.join(eval_dir, t, f"{b}.jsonl"))} for t in (base, tuned))
-            differ = [i for i in x if i in y and x[i]["correct"] != y[i]["correct"]]
-            html.append(f"<h2>{esc(b)}: {len(differ)} verdicts differ between {esc(base)} and {esc(tuned)}</h2>")
-            for i in differ:
-                html.append(f"<details><summary>idx {esc(i)}: {esc(base)} {'right' if x[i]['correct'] else 'wrong'}, "
-                            f"{esc(tuned)} {'right' if y[i]['correct'] else 'wrong'}</summary><pre>{esc(x[i]['question'])}</pre>"
-                            f"<p>ground truth: <b>{esc(x[i]['gt'])}</b></p><div class=pair>")
-                for t, r in ((base, x[i]), (tuned, y[i])):
-                    html.append(f"<div><b>{esc(t)}</b> predicts <b>{esc(r['pred'])}</b><pre>{esc(r['completion'])}</pre></div>")
-                html.append("</div></details>")
-    return page("LightReasoner evaluation", "\n".join(html), css=".pair { display: grid; grid-template-columns: 1fr 1fr; "
-                "gap: 1em; } pre { background: #f6f6f6; padding: 0.5em; } summary { cursor: pointer; }")
+    """report.html's text, a plain sequence of sections: what was left out, the comparison table, then
+    each benchmark's views."""
+    summary, rows, notes = load_eval(eval_dir)
+    base_of = {t: t.rsplit("+", 1)[0] for t in summary if "+" in t and t.rsplit("+", 1)[0] in summary}
+    sections = [f"<p class=no>{esc(n)}</p>" for n in notes]
+    sections.append(comparison_table(summary, base_of))
+    sections += benchmark_sections(eval_dir, rows, base_of)
+    return page("LightReasoner evaluation", "\n".join(sections), css=REPORT_CSS)
 
 
 if __name__ == "__main__" and master:  # runs after the stage above: the page shows what it wrote

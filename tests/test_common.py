@@ -203,6 +203,13 @@ def test_page_escapes_data_and_a_failing_page_never_stops_the_stage(tmp_path, ca
     assert common.heat(0, 1) == "rgb(255,255,255)" and common.heat(5, 1) == common.heat(1, 1) != common.heat(0.5, 1)
 
 
+def test_esc_shows_bidi_controls_by_name_so_they_cannot_reorder_a_page():
+    assert common.esc("\\boxed{\u202e81}") == "\\boxed{[U+202E]81}"  # shown as "18" without the guard
+    controls = "\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
+    assert common.esc(controls) == "".join(f"[U+{ord(c):04X}]" for c in controls)
+    assert common.esc("שלום 5 <b>") == "שלום 5 &lt;b&gt;"  # right-to-left letters themselves are text
+
+
 # -----------------------------------------------------------------------------
 # several processes
 

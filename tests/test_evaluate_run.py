@@ -1,9 +1,9 @@
 """
 Stage 3 (evaluate.py) as a run: generation with the toolkit's code-execution rounds, the executor,
-the one grading/writing path (resume, several processes), the merged adapter, the report page, and
-every mistake a user can make ending in one line. The grader itself is tested in test_evaluate.py.
+the one grading/writing path (resume, several processes), the merged adapter, and every mistake a
+user can make ending in one line. The grader is tested in test_evaluate.py, the pages in
+test_evaluate_page.py.
 """
-import html.parser
 import json
 import os
 import runpy
@@ -78,7 +78,8 @@ def test_base_and_merged_adapter_rows_summary_and_table(runs):
         for name in ("gsm8k", "mmlu_stem"):
             rows = rows_of(tag_dir / f"{name}.jsonl")
             assert [r["idx"] for r in rows] == [0, 1, 2]
-            assert set(rows[0]) == {"idx", "question", "gt", "completion", "pred", "correct", "rounds", "timed_out"}
+            assert set(rows[0]) == {"idx", "question", "gt", "completion", "pred", "correct", "rounds", "timed_out",
+                                    "cut_off"}
         summary = json.load(open(tag_dir / "summary.json"))
         assert summary["gsm8k"]["n"] == 3 and summary["gsm8k"]["code_rounds"] == [3, 0, 0, 0, 0]
         assert summary["gsm8k"]["grade_timeouts"] == 0
@@ -89,6 +90,15 @@ def test_base_and_merged_adapter_rows_summary_and_table(runs):
     completions = lambda d: [r["completion"] for r in rows_of(d / "gsm8k.jsonl")]  # noqa: E731
     assert completions(base) != completions(tuned)  # the adapter changes what the model writes
     assert not [f for f in os.listdir(base) if ".rank" in f]  # part files merged and gone
+
+
+def test_the_run_writes_its_pages_and_counts_completions_cut_off_at_the_token_limit(runs):
+    eval_dir = runs.root / "one" / "eval"
+    rows = [r for t in ("expert", "expert+lora") for r in rows_of(eval_dir / t / "gsm8k.jsonl")]
+    cut = len({r["idx"] for r in rows if r["cut_off"]})
+    assert cut >= 1  # 8 new tokens: a random model's greedy completions run out of them
+    assert f"gsm8k, cut off at the token limit: {cut}</h3>" in open(eval_dir / "report.html").read()
+    assert open(eval_dir / "gsm8k.html").read().count("<details id=p") == 3  # every problem
 
 
 def test_two_processes_under_torchrun_give_the_same_rows_and_summary(runs):
@@ -167,7 +177,8 @@ def stub_model(monkeypatch, reply, context=10**6):
     def generate(net, tok, prompts, stop_ids, budgets):
         texts = ["".join(map(chr, p)) for p in prompts]
         calls.append((texts, budgets))
-        return [reply(t) for t in texts], sum(budgets)
+        outs = [reply(t) for t in texts]
+        return outs, sum(budgets), [len(o) >= b for o, b in zip(outs, budgets)]  # one token per character
     monkeypatch.setattr(E, "generate", generate)
     return SimpleNamespace(config=SimpleNamespace(max_position_embeddings=context)), calls
 
@@ -178,7 +189,7 @@ def test_a_turn_ending_on_code_runs_it_appends_the_output_and_generation_goes_on
             return "Let me compute.\n```python\nx = 6 * 7\nprint(x)\n```\n\n"
         return "So the answer is \\boxed{42}." if "product" in prompt else "It is \\boxed{2}.\n```python\nprint(1)\n```"
     net, calls = stub_model(monkeypatch, reply)
-    texts, rounds, _ = E.solve(net, CharTokenizer(), [0], ["What is the product of 6 and 7?", "1+1?"])
+    texts, rounds, *_ = E.solve(net, CharTokenizer(), [0], ["What is the product of 6 and 7?", "1+1?"])
     assert texts[0] == "Let me compute.\n```python\nx = 6 * 7\nprint(x)\n```\n```output\n42\n```\nSo the answer is \\boxed{42}."
     assert texts[1] == "It is \\boxed{2}.\n```python\nprint(1)\n```"  # a boxed answer: no code is run
     assert rounds == [1, 0] and len(calls) == 2 and len(calls[1][0]) == 1  # only the first goes on
@@ -187,7 +198,7 @@ def test_a_turn_ending_on_code_runs_it_appends_the_output_and_generation_goes_on
 
 def test_four_rounds_at_most_then_the_toolkits_limit_line(monkeypatch):
     net, calls = stub_model(monkeypatch, lambda prompt: "```python\nprint(len('" + "x" * prompt.count("```output") + "'))\n```")
-    texts, rounds, _ = E.solve(net, CharTokenizer(), [0], ["loop"])
+    texts, rounds, *_ = E.solve(net, CharTokenizer(), [0], ["loop"])
     assert rounds == [4] and len(calls) == 4
     assert texts[0].endswith("```\n```output\n3\n```\n\nReach max function call limit.")
 
@@ -201,9 +212,19 @@ def test_no_code_exec_grades_the_completion_as_it_stands(monkeypatch):
 def test_every_call_may_write_max_new_tokens_within_the_models_context(monkeypatch):
     prompt = E.PROMPT.format(question="q")
     net, calls = stub_model(monkeypatch, lambda p: "```python\nprint(1)\n```", context=len(prompt) + 40)
-    texts, rounds, _ = E.solve(net, CharTokenizer(), [0], ["q"])
+    texts, rounds, cut_off, _ = E.solve(net, CharTokenizer(), [0], ["q"])
     # 22 characters of code and 17 of output: 1 left for the second call, none for a third
-    assert [budgets for _, budgets in calls] == [[40], [1]] and rounds == [2]
+    assert [budgets for _, budgets in calls] == [[40], [1]] and rounds == [2] and cut_off == [True]
+
+
+def test_a_completion_that_writes_its_whole_budget_is_marked_cut_off(tiny_models):
+    tok, net = E.load_tokenizer(tiny_models["expert"]), E.load_model(tiny_models["expert"], "cpu", torch.float32)
+    prompts = [tok("Janet has 3 ducks")["input_ids"], tok("2 + 2")["input_ids"]]
+    texts, n, cut_off = E.generate(net, tok, prompts, [], [5, 3])  # no stop token: each runs to its budget
+    assert cut_off == [True, True] and n == 8
+    every_token = list(range(net.config.vocab_size))
+    texts, n, cut_off = E.generate(net, tok, prompts, every_token, [5, 3])  # the first token stops it
+    assert cut_off == [False, False] and n == 0 and texts == ["", ""]
 
 
 def test_out_of_memory_ends_in_one_line_naming_the_flag(monkeypatch, capsys):
@@ -253,40 +274,6 @@ def test_a_program_that_hangs_crashes_or_floods_costs_one_answer(monkeypatch):
     assert E.run_program("import os\nwhile True: os.write(1, b'x' * 65536)\nprint(1)").startswith("RuntimeError: the program ended")
     assert E.run_program("while True: print('x' * 10**8)") == "MemoryError"
     assert E.run_program("open('f', 'w').write('x')\nprint(1)") == "1" and not os.path.exists("f")  # in a temporary dir
-
-
-# -----------------------------------------------------------------------------
-# out/eval/report.html
-
-
-class Page(html.parser.HTMLParser):
-    def __init__(self, text):
-        super().__init__()
-        self.tags, self.text = [], []
-        self.feed(text)
-
-    def handle_starttag(self, tag, attrs):
-        self.tags.append((tag, dict(attrs)))
-
-    def handle_data(self, data):
-        self.text.append(data)
-
-
-def test_report_shows_the_table_and_the_differing_verdicts_escaped(tmp_path):
-    evil = "<script>alert(1)</script><img src=x onerror=alert(2)>"
-    for tag, answers in (("m", [True, True, False]), ("m+lora", [True, False, True])):
-        os.makedirs(tmp_path / tag)
-        rows = [dict(idx=i, question=f"{evil} question {i}", gt="5", completion=f"{evil} \\boxed{{{i}}}", pred=evil,
-                     correct=ok, rounds=0, timed_out=False) for i, ok in enumerate(answers)]
-        (tmp_path / tag / "gsm8k.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        (tmp_path / tag / "summary.json").write_text(json.dumps({"gsm8k": dict(n=3, correct=sum(answers),
-                                                                                accuracy=round(100 * sum(answers) / 3, 2))}))
-    page = Page(E.report_page(str(tmp_path)))
-    assert not [t for t, _ in page.tags if t in ("script", "img")] and not any("onerror" in a for _, a in page.tags)
-    assert [t for t, _ in page.tags].count("details") == 2 and not any("open" in a for t, a in page.tags if t == "details")
-    text = "".join(page.text)
-    assert f"{evil} question 1" in text and f"{evil} question 2" in text and f"{evil} question 0" not in text
-    assert "66.7 +0.0" in text.replace("\n", " ") and "2 verdicts differ between m and m+lora" in text
 
 
 # -----------------------------------------------------------------------------
@@ -369,4 +356,5 @@ def test_grading_that_runs_out_of_time_counts_wrong_and_is_counted(tmp_path, cap
     assert code == 0, err
     rows = rows_of(tmp_path / "eval" / "c" / "gsm8k.jsonl")
     assert [(r["line"], r["correct"], r["timed_out"]) for r in rows][0] == (1, False, True)
+    assert "cut_off" not in rows[0]  # a saved completion: whether it was cut off is not known
     assert json.load(open(tmp_path / "eval" / "c" / "summary.json"))["gsm8k"]["grade_timeouts"] >= 1
