@@ -856,18 +856,20 @@ def efficiency(eval_dir):
     def load(*path):
         with open(os.path.join(eval_dir, *path), encoding="utf-8") as f:
             return json.load(f)
+
+    def accuracy(summary, b):
+        return 100 * summary[b]["correct"] / max(summary[b]["n"], 1)
     rows = []
     for tag in sorted(t for t in os.listdir(eval_dir) if "+" in t):
         base = tag.rsplit("+", 1)[0]
-        try:
-            cost = run_costs(load(tag, "run.json")["adapter"])
-            tuned, before = load(tag, "summary.json"), load(base, "summary.json")
-        except (OSError, ValueError, KeyError, TypeError):
+        try:  # a model without records, or a damaged file, has no row (the page and the run carry on)
+            cost, tuned, before = run_costs(load(tag, "run.json")["adapter"]), load(tag, "summary.json"), load(
+                base, "summary.json")
+            benches = [b for b in BENCHMARKS if b in tuned and b in before]
+            gain = sum(accuracy(tuned, b) - accuracy(before, b) for b in benches) / len(benches)
+        except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError):
             continue
-        benches = [b for b in BENCHMARKS if b in tuned and b in before]
-        if cost and benches:
-            acc = lambda s, b: 100 * s[b]["correct"] / max(s[b]["n"], 1)  # noqa: E731
-            gain = sum(acc(tuned, b) - acc(before, b) for b in benches) / len(benches)
+        if cost:
             rows.append(dict(cost, tag=tag, base=base, gain=gain, benchmarks=benches))
     for r in rows:
         sft = next((x for x in rows if x["method"] == "SFT" and x["base"] == r["base"]), None)
