@@ -851,8 +851,8 @@ def run_costs(adapter_path):
 
 def efficiency(eval_dir):
     """One row per tuned model "<base>+<adapter>" with costs on record and <base> evaluated too: its mean
-    accuracy gain in points over the benchmarks both have, its costs, and for time, sampled problems and
-    tuned tokens the ratio to the SFT run of the same base model (when one is evaluated)."""
+    accuracy and gain in points over the benchmarks both have, its costs, and for time, sampled problems
+    and tuned tokens the ratio to the SFT run of the same base model (when one is evaluated)."""
     def load(*path):
         with open(os.path.join(eval_dir, *path), encoding="utf-8") as f:
             return json.load(f)
@@ -866,11 +866,12 @@ def efficiency(eval_dir):
             cost, tuned, before = run_costs(load(tag, "run.json")["adapter"]), load(tag, "summary.json"), load(
                 base, "summary.json")
             benches = [b for b in BENCHMARKS if b in tuned and b in before]
-            gain = sum(accuracy(tuned, b) - accuracy(before, b) for b in benches) / len(benches)
+            mean = sum(accuracy(tuned, b) for b in benches) / len(benches)
+            gain = mean - sum(accuracy(before, b) for b in benches) / len(benches)
         except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError):
             continue
         if cost:
-            rows.append(dict(cost, tag=tag, base=base, gain=gain, benchmarks=benches))
+            rows.append(dict(cost, tag=tag, base=base, accuracy=mean, gain=gain, benchmarks=benches))
     for r in rows:
         sft = next((x for x in rows if x["method"] == "SFT" and x["base"] == r["base"]), None)
         r["vs_sft"] = sft and r is not sft and {k: r[k] / sft[k] if sft[k] else None
@@ -879,21 +880,21 @@ def efficiency(eval_dir):
 
 
 def efficiency_cells(r):
-    """A row of the table as text: model, method, gain, then each cost with its ratio to SFT (× SFT)."""
+    """A row of the table as text: model, method, accuracy and gain, then each cost with its ratio to SFT."""
     def hours(s):
         return f"{s / 3600:.2f} h" if s >= 3600 else f"{s / 60:.1f} min" if s >= 60 else f"{s:.1f} s"
 
     def vs(key, text):
         ratio = (r["vs_sft"] or {}).get(key)
         return text + (f" ({ratio:.2f}× SFT)" if ratio is not None else "")
-    return [r["tag"], r["method"], f"{r['gain']:+.1f} ({len(r['benchmarks'])})",
+    return [r["tag"], r["method"], f"{r['accuracy']:.1f}", f"{r['gain']:+.1f}", str(len(r["benchmarks"])),
             vs("time_s", f"{hours(r['time_s'])} = {hours(r['sample_s'])} + {hours(r['train_s'])}"),
             vs("sampled", f"{r['sampled']:,}"), f"{r['kept']:,}", f"{r['positions']:,}",
             vs("tuned", f"{r['tuned']:,}"), r["device"]]
 
 
-EFFICIENCY_HEADER = ["model", "method", "gain (benchmarks)", "time = sampling + training", "sampled problems",
-                     "kept problems", "kept positions", "tuned tokens", "device"]
+EFFICIENCY_HEADER = ["model", "method", "accuracy", "gain", "benchmarks", "time = sampling + training",
+                     "sampled problems", "kept problems", "kept positions", "tuned tokens", "device"]
 
 
 def print_efficiency(eval_dir):
@@ -901,7 +902,7 @@ def print_efficiency(eval_dir):
     rows = [EFFICIENCY_HEADER] + [efficiency_cells(r) for r in efficiency(eval_dir)]
     widths = [max(len(row[k]) for row in rows) for k in range(len(EFFICIENCY_HEADER))]
     if len(rows) > 1:
-        print("\nefficiency: mean accuracy gain over the base model (points) and what each tuned model cost")
+        print("\nefficiency: mean accuracy (%), gain over the base model (points), and what each tuned model cost")
         for row in rows:
             print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
 
@@ -912,7 +913,8 @@ def efficiency_html(eval_dir):
     cells = lambda row, tag: "<tr>" + "".join(f"<{tag}>{esc(c)}</{tag}>" for c in row) + "</tr>"  # noqa: E731
     return rows and ("<h2>Efficiency: accuracy gain and what it cost (the paper's Figure 1)</h2><table>"
                      + cells(EFFICIENCY_HEADER, "th") + "".join(cells(efficiency_cells(r), "td") for r in rows)
-                     + "</table><p class=muted>gain: mean over the benchmarks both models have, in points; time: "
+                     + "</table><p class=muted>accuracy, gain: means over the benchmarks both models have (gain in "
+                     "points, over the base model); time: "
                      "sampling + training wall time (loading models and evaluating not counted); × SFT: this cost "
                      "over the SFT run's of the same base model</p>") or ""
 

@@ -347,18 +347,19 @@ def test_the_efficiency_table_shows_gains_and_the_costs_on_record_with_ratios_to
     assert [(r["tag"], r["method"]) for r in rows] == [("m+lora", "LightReasoner"), ("m+out_sft", "SFT")]
     ours, theirs = rows
     assert ours["gain"] == pytest.approx(30.0) and theirs["gain"] == pytest.approx(15.0)  # mean over gsm8k, math
+    assert ours["accuracy"] == pytest.approx(65.0) and theirs["accuracy"] == pytest.approx(50.0)
     assert (ours["sampled"], ours["kept"], ours["positions"], ours["tuned"]) == (1000, 998, 16422, 16000)
     assert (ours["time_s"], theirs["time_s"], ours["device"], theirs["device"]) == (1800, 15000, "H100", f"H100 / {evil}")
     assert ours["vs_sft"] == pytest.approx(dict(time_s=1800 / 15000, sampled=1000 / 7473, tuned=16000 / 1770000))
     assert not theirs["vs_sft"]
     E.print_efficiency(str(eval_dir))
     title, header, *lines = capsys.readouterr().out.strip().splitlines()
-    assert title.startswith("efficiency:") and header.split()[:3] == ["model", "method", "gain"] and len(lines) == 2
-    assert lines[0].split()[:3] == ["m+lora", "LightReasoner", "+30.0"]
+    assert title.startswith("efficiency:") and header.split()[:4] == ["model", "method", "accuracy", "gain"]
+    assert len(lines) == 2 and lines[0].split()[:5] == ["m+lora", "LightReasoner", "65.0", "+30.0", "2"]
     for cell in ("30.0 min = 25.0 min + 5.0 min (0.12× SFT)", "1,000 (0.13× SFT)", " 998 ", "16,422",
                  "16,000 (0.01× SFT)"):
         assert cell in lines[0]
-    assert lines[1].split()[:3] == ["m+out_sft", "SFT", "+15.0"] and "SFT)" not in lines[1]
+    assert lines[1].split()[:5] == ["m+out_sft", "SFT", "50.0", "+15.0", "2"] and "SFT)" not in lines[1]
     assert "4.17 h = 2.50 h + 1.67 h" in lines[1] and "1,770,000" in lines[1] and "3,952" in lines[1]
     page = Page(E.report_page(str(eval_dir)))
     text = "".join(page.text)
