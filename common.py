@@ -122,6 +122,12 @@ def init_distributed(device):
     return dev
 
 
+def device_name(dev):
+    """What a run ran on, for the efficiency table's costs: the GPU's name (or cpu), × N processes."""
+    name = torch.cuda.get_device_name(dev) if dev.startswith("cuda") else "cpu"
+    return f"{name} ×{WORLD_SIZE}" if WORLD_SIZE > 1 else name
+
+
 def barrier():
     if dist.is_initialized():
         dist.barrier()

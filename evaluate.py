@@ -831,6 +831,104 @@ def print_table(results):
 
 
 # -----------------------------------------------------------------------------
+# the efficiency table (the paper's Figure 1): each tuned model's accuracy gain beside what it cost, read
+# from the records its training run (train_config.json beside the adapter) and sampling run wrote
+
+
+def run_costs(adapter_path):
+    """What made an adapter cost: the totals of train_config.json beside it and of the sample_config.json
+    beside its samples (the path train.py recorded, else the run's own directory). None when those
+    records are not there or not complete (an adapter from elsewhere, a run that has not ended)."""
+    try:
+        run_dir = os.path.dirname(os.path.normpath(adapter_path))
+        with open(os.path.join(run_dir, "train_config.json"), encoding="utf-8") as f:
+            trained = json.load(f)
+        where = [os.path.dirname(trained["config"]["samples"]), run_dir]
+        path = next((p for p in [os.path.join(d, "sample_config.json") for d in where] if os.path.isfile(p)), "")
+        with open(path, encoding="utf-8") as f:
+            sampled = json.load(f)
+        t, s, select = trained["totals"], sampled["totals"], sampled["config"]["select"]
+        method = "SFT" if select == "sft" else "LightReasoner" if (select, trained["config"]["label"]) == (
+            "kl", "contrast") else f"--select {select} --label {trained['config']['label']}"
+        devices = list(dict.fromkeys([s["device"], t["device"]]))  # sampled and trained on: one name if the same
+        return dict(method=method, sampled=s["questions"], kept=s["questions_kept"], positions=s["kept_positions"],
+                    tuned=t["tuned_tokens"], sample_s=s["sampling_time_s"], train_s=t["wall_time_s"],
+                    time_s=s["sampling_time_s"] + t["wall_time_s"], device=" / ".join(devices))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def efficiency(eval_dir):
+    """One row per tuned model "<base>+<adapter>" with costs on record and <base> evaluated too: its mean
+    accuracy and gain in points over the benchmarks both have, its costs, and for time, sampled problems
+    and tuned tokens the ratio to the SFT run of the same base model (when one is evaluated)."""
+    def load(*path):
+        with open(os.path.join(eval_dir, *path), encoding="utf-8") as f:
+            return json.load(f)
+
+    def accuracy(summary, b):
+        return 100 * summary[b]["correct"] / max(summary[b]["n"], 1)
+    rows = []
+    for tag in sorted(t for t in os.listdir(eval_dir) if "+" in t):
+        base = tag.rsplit("+", 1)[0]
+        try:  # a model without records, or a damaged file, has no row (the page and the run carry on)
+            cost, tuned, before = run_costs(load(tag, "run.json")["adapter"]), load(tag, "summary.json"), load(
+                base, "summary.json")
+            benches = [b for b in BENCHMARKS if b in tuned and b in before]
+            mean = sum(accuracy(tuned, b) for b in benches) / len(benches)
+            gain = mean - sum(accuracy(before, b) for b in benches) / len(benches)
+        except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError):
+            continue
+        if cost:
+            rows.append(dict(cost, tag=tag, base=base, accuracy=mean, gain=gain, benchmarks=benches))
+    for r in rows:
+        sft = next((x for x in rows if x["method"] == "SFT" and x["base"] == r["base"]), None)
+        r["vs_sft"] = sft and r is not sft and {k: r[k] / sft[k] if sft[k] else None
+                                                 for k in ("time_s", "sampled", "tuned")}
+    return rows
+
+
+def efficiency_cells(r):
+    """A row of the table as text: model, method, accuracy and gain, then each cost with its ratio to SFT."""
+    def hours(s):
+        return f"{s / 3600:.2f} h" if s >= 3600 else f"{s / 60:.1f} min" if s >= 60 else f"{s:.1f} s"
+
+    def vs(key, text):
+        ratio = (r["vs_sft"] or {}).get(key)
+        return text + (f" ({ratio:.2f}× SFT)" if ratio is not None else "")
+    return [r["tag"], r["method"], f"{r['accuracy']:.1f}", f"{r['gain']:+.1f}", str(len(r["benchmarks"])),
+            vs("time_s", f"{hours(r['time_s'])} = {hours(r['sample_s'])} + {hours(r['train_s'])}"),
+            vs("sampled", f"{r['sampled']:,}"), f"{r['kept']:,}", f"{r['positions']:,}",
+            vs("tuned", f"{r['tuned']:,}"), r["device"]]
+
+
+EFFICIENCY_HEADER = ["model", "method", "accuracy", "gain", "benchmarks", "time = sampling + training",
+                     "sampled problems", "kept problems", "kept positions", "tuned tokens", "device"]
+
+
+def print_efficiency(eval_dir):
+    """The efficiency table in the terminal (nothing when no tuned model has its run records)."""
+    rows = [EFFICIENCY_HEADER] + [efficiency_cells(r) for r in efficiency(eval_dir)]
+    widths = [max(len(row[k]) for row in rows) for k in range(len(EFFICIENCY_HEADER))]
+    if len(rows) > 1:
+        print("\nefficiency: mean accuracy (%), gain over the base model (points), and what each tuned model cost")
+        for row in rows:
+            print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+
+
+def efficiency_html(eval_dir):
+    """The efficiency table for the report page ("" when no tuned model has its run records)."""
+    rows = efficiency(eval_dir)
+    cells = lambda row, tag: "<tr>" + "".join(f"<{tag}>{esc(c)}</{tag}>" for c in row) + "</tr>"  # noqa: E731
+    return rows and ("<h2>Efficiency: accuracy gain and what it cost (the paper's Figure 1)</h2><table>"
+                     + cells(EFFICIENCY_HEADER, "th") + "".join(cells(efficiency_cells(r), "td") for r in rows)
+                     + "</table><p class=muted>accuracy, gain: means over the benchmarks both models have (gain in "
+                     "points, over the base model); time: "
+                     "sampling + training wall time (loading models and evaluating not counted); × SFT: this cost "
+                     "over the SFT run's of the same base model</p>") or ""
+
+
+# -----------------------------------------------------------------------------
 # what to evaluate: runs (tag, adapter, the run.json record of how its rows are made) and their jobs
 
 
@@ -884,7 +982,10 @@ def model_runs(names, cut, dev):
                   code_exec=not no_code_exec, prompt=PROMPT)
     runs = [(os.path.basename(os.path.normpath(base)), None, record)]
     if adapter_dir:
-        tag = f"{runs[0][0]}+{os.path.basename(os.path.normpath(adapter_dir))}"
+        name, run_dir = os.path.basename(os.path.normpath(adapter_dir)), os.path.dirname(os.path.abspath(adapter_dir))
+        if name == "lora" and run_dir != os.path.abspath(out_dir):  # another run's (out_sft/lora): named after it
+            name = os.path.basename(run_dir)
+        tag = f"{runs[0][0]}+{name}"
         runs.append((tag, adapter_dir, dict(record, adapter=where(adapter_dir))))
     return runs, {name: load_benchmark(name, data_dir)[1][:cut] for name in names}
 
@@ -938,6 +1039,7 @@ if __name__ == "__main__":
     eval_dir, wall = os.path.join(out_dir, "eval"), time.time() - t_start
     if master:
         print_table(results)
+        print_efficiency(eval_dir)
         print(f"{len(runs)} model(s) x {len(names)} benchmark(s) in {wall:.0f}s"
               + ("" if completions else f", {n_tokens} tokens generated ({n_tokens / wall:.1f} tokens/s)")
               + f"; {timeouts} answer(s) whose grading ran out of time (counted wrong); rows, summary.json and "
@@ -1097,12 +1199,13 @@ def benchmark_sections(eval_dir, rows, base_of):
 
 
 def report_page(eval_dir):
-    """report.html's text, a plain sequence of sections: what was left out, the comparison table, then
-    each benchmark's views."""
+    """report.html's text, a plain sequence of sections: what was left out, the comparison table, the
+    efficiency table, then each benchmark's views."""
     summary, rows, notes = load_eval(eval_dir)
     base_of = {t: t.rsplit("+", 1)[0] for t in summary if "+" in t and t.rsplit("+", 1)[0] in summary}
     sections = [f"<p class=no>{esc(n)}</p>" for n in notes]
     sections.append(comparison_table(summary, base_of))
+    sections.append(efficiency_html(eval_dir))
     sections += benchmark_sections(eval_dir, rows, base_of)
     return page("LightReasoner evaluation", "\n".join(sections), css=REPORT_CSS)
 

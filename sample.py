@@ -11,6 +11,7 @@ the expert's plausible tokens {a : π_E(a) ≥ α·max π_E}. Stage 2 (train.py)
     python sample.py --max-questions 50 --batch-size 16
     python sample.py --data my_questions.jsonl        # any JSONL with a "question" field
     python sample.py --select random --out-dir out_random    # ablation: as many positions, random places
+    python sample.py --select sft --max-questions 7473 --max-new-tokens 512 --out-dir out_sft  # SFT baseline
     torchrun --standalone --nproc_per_node 8 sample.py       # 8 GPUs, the batches dealt round robin
 
 Writes out/samples.jsonl (one line per kept position), out/rollouts.jsonl (one line per question:
@@ -29,10 +30,10 @@ import time
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
-from common import (RANK, WORLD_SIZE, append_jsonl, barrier, chat_prompt_ids, complete_lines, die, differing,
-                    download, esc, greedy_config, heat, init_distributed, load_model, load_tokenizer, lock_dir, make_dir, master,
-                    page, parse_flags, pick_dtype, position_ids, read_json, read_jsonl, stop_token_ids,
-                    sum_over_ranks, write_json, write_jsonl, write_page)
+from common import (RANK, WORLD_SIZE, append_jsonl, barrier, chat_prompt_ids, complete_lines, device_name, die,
+                    differing, download, esc, greedy_config, heat, init_distributed, load_model, load_tokenizer,
+                    lock_dir, make_dir, master, page, parse_flags, pick_dtype, position_ids, read_json, read_jsonl,
+                    stop_token_ids, sum_over_ranks, write_json, write_jsonl, write_page)
 
 # -----------------------------------------------------------------------------
 # configuration: the defaults reproduce the paper
@@ -43,7 +44,8 @@ max_questions = 1000  # the first N questions (paper: 1000 GSM8K questions)
 max_new_tokens = 128  # length of each expert rollout (paper: 128)
 alpha = 0.2  # plausibility cut α: keep tokens with π_E(a) ≥ α·max π_E (paper: 0.2)
 beta = 0.4  # KL threshold β: keep position t iff KL(π_E‖π_A) > β (paper: 0.4)
-select = "kl"  # positions to tune: "kl" (KL > β, the paper), "all", "random" (as many as kl, random places)
+select = "kl"  # positions to tune: "kl" (KL > β, the paper), "all", "random" (as many as kl, random places),
+# or "sft": the paper's SFT baseline, every token of the expert's answers that end on GSM8K's number (no amateur)
 system_prompt = "Please reason step by step."  # system turn of the chat prompt (as the reference)
 batch_size = 0  # questions generated together; 0: 64 on a GPU, 8 on the CPU
 chunk = 16  # generated positions whose full-vocabulary distributions are held at once (memory)
@@ -120,6 +122,22 @@ def select_positions(kl, select, beta, seed, index):
     return special
 
 
+def final_number(text):
+    """The number an answer ends on, for the SFT baseline's rejection test: the last number inside
+    its last \\boxed{}, else the last number of the text (commas dropped: "1,000" is 1000). None
+    when there is none. Fractions and expressions are not read: GSM8K's answers are whole numbers."""
+    boxed = text.split("\\boxed{")
+    tail = boxed[-1].split("}")[0] if len(boxed) > 1 else text
+    numbers = re.findall(r"-?\d+(?:\.\d+)?", tail.replace(",", ""))
+    return float(numbers[-1]) if numbers else None
+
+
+def is_correct(completion, answer):
+    """Rejection sampling's filter: the completion's final number equals the one after GSM8K's `####`."""
+    pred, truth = final_number(completion), final_number(answer.split("####")[-1])
+    return pred is not None and truth is not None and abs(pred - truth) < 1e-6
+
+
 def label_positions(logp_expert, logp_amateur, alpha):
     """Contrast (B, c, V) log-probabilities. Returns (B, c) nested lists: the KL at each position, and
     its plausible set V as (a, v_C(a), π_E(a), π_A(a)) tuples, most contrastive first."""
@@ -142,6 +160,8 @@ def sample_batch(expert_model, amateur_model, prompts, pad_id, stop_ids, vocab, 
     prompt_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=dev)
     generated = greedy_generate(expert_model, input_ids, prompt_mask, max_new_tokens, stop_ids, pad_id, vocab)
     lengths = completion_lengths(generated, stop_ids)
+    if amateur_model is None:  # --select sft: the answers alone, no contrast
+        return [dict(completion_ids=ids[:n].tolist()) for ids, n in zip(generated, lengths)]
 
     # Both models see exactly the same token ids: the prompt, then the expert's own tokens.
     steps = torch.arange(generated.shape[1], device=dev)
@@ -173,8 +193,8 @@ def check_flags():
         die(f"--alpha {alpha} must be in (0, 1]: the plausible set keeps tokens with π_E ≥ α·max π_E")
     if beta < 0:
         die(f"--beta {beta} must be ≥ 0: it is a KL threshold")
-    if select not in ("kl", "all", "random"):
-        die(f"--select {select} is not one of kl, all, random")
+    if select not in ("kl", "all", "random", "sft"):
+        die(f"--select {select} is not one of kl, all, random, sft")
     if max_new_tokens < 1 or max_questions < 1 or chunk < 1 or batch_size < 0:
         die("--max-new-tokens, --max-questions and --chunk must be ≥ 1, --batch-size ≥ 0 (0: automatic)")
 
@@ -193,8 +213,12 @@ def load_questions():
             die(f"{path}:{n}: no \"question\" field (a non-empty string); every line needs one")
         if row.get("id") is not None and (isinstance(row["id"], bool) or not isinstance(row["id"], (str, int))):
             die(f"{path}:{n}: \"id\" is {json.dumps(row['id'])[:40]}; make it a string or an integer, or leave it out")
-    return [dict(id=row["question"] if row.get("id") is None else row["id"], question=row["question"])
-            for _, row in rows][:max_questions]
+        if select == "sft" and not (isinstance(row.get("answer"), str) and "####" in row["answer"]
+                                    and final_number(row["answer"].split("####")[-1]) is not None):
+            die(f"{path}:{n}: --select sft checks answers against an \"answer\" field ending in \"#### <number>\" "
+                "(GSM8K's form); add one to every line")
+    return [dict(id=row["question"] if row.get("id") is None else row["id"], question=row["question"],
+                 answer=row.get("answer")) for _, row in rows][:max_questions]
 
 
 def check_out_dir(run_config):
@@ -244,10 +268,13 @@ def file_pairs(out_dir):
 
 def finished_questions(run_config, tokenizers):
     """A question is done once its rollout line is written (after its samples). Rank 0 drops samples
-    of questions a kill interrupted (they are redone), then every process reads the rest."""
+    of questions a kill interrupted (they are redone), then every process reads the rest. Also returns
+    the sampling time of the earlier runs that finished (a cost the efficiency table adds up)."""
+    config_path, spent = os.path.join(out_dir, "sample_config.json"), 0.0
     if master:
-        write_json(os.path.join(out_dir, "sample_config.json"),
-                   dict(config=run_config, tokenizers=tokenizers, totals=None))
+        old = read_json(config_path) if os.path.exists(config_path) else {}
+        spent = (old.get("totals") or {}).get("sampling_time_s", old.get("spent_s", 0.0))
+        write_json(config_path, dict(config=run_config, tokenizers=tokenizers, totals=None, spent_s=spent))
         for s_path, r_path in file_pairs(out_dir):
             finished = {r["index"] for r in complete_lines(r_path)}
             write_jsonl(s_path, [s for s in complete_lines(s_path) if s["index"] in finished])
@@ -256,7 +283,7 @@ def finished_questions(run_config, tokenizers):
     barrier()
     done = {r["index"] for _, r_path in file_pairs(out_dir) for r in complete_lines(r_path)}
     barrier()  # all have read before any appends
-    return done
+    return done, spent
 
 
 def save_question(paths, i, q, prompt, r, tok):
@@ -276,6 +303,18 @@ def save_question(paths, i, q, prompt, r, tok):
         index=i, id=q["id"], question=q["question"], prompt=tok.decode(prompt), completion=tok.decode(ids),
         completion_ids=ids, tokens=[tok.decode([a]) for a in ids], kl=r["kl"], kept=kept)])
     return kept
+
+
+def save_answer(paths, i, q, prompt, r, tok, stop_ids):
+    """--select sft: question i's answer as one record, its every token tuned, if it ended (a stop
+    token) and its final number is GSM8K's; then its rollout line. Returns the kept positions."""
+    ids, text = r["completion_ids"], tok.decode(r["completion_ids"])
+    correct = bool(ids) and ids[-1] in stop_ids and is_correct(text, q["answer"])
+    record = dict(index=i, id=q["id"], question=q["question"], answer=q["answer"].split("####")[-1].strip(),
+                  pred=final_number(text), completion=text, completion_ids=ids)
+    append_jsonl(paths[0], [record] if correct else [])
+    append_jsonl(paths[1], [dict(record, prompt=tok.decode(prompt), correct=correct)])
+    return ids if correct else []
 
 
 def sample_all(questions, done, tok, expert_model, amateur_model, vocab, stop_ids):
@@ -299,8 +338,10 @@ def sample_all(questions, done, tok, expert_model, amateur_model, vocab, stop_id
             for i, prompt, r in zip(batch, prompts, results):
                 if i in done:
                     continue
-                kept = save_question(mine, i, questions[i], prompt, r, tok)
-                new_tokens, n_kept, kl_sum = new_tokens + len(r["kl"]), n_kept + len(kept), kl_sum + sum(r["kl"])
+                kept = (save_answer(mine, i, questions[i], prompt, r, tok, stop_ids) if select == "sft" else
+                        save_question(mine, i, questions[i], prompt, r, tok))
+                n, kl = len(r["completion_ids"]), sum(r.get("kl", []))
+                new_tokens, n_kept, kl_sum = new_tokens + n, n_kept + len(kept), kl_sum + kl
                 bar.update(1)
                 bar.set_postfix(kept=n_kept, mean_kl=f"{kl_sum / max(new_tokens, 1):.3f}")
     except KeyboardInterrupt:
@@ -334,23 +375,29 @@ def merge(out_dir, n_questions):
     shutil.rmtree(os.path.join(out_dir, "parts"))
 
 
-def write_totals(n_questions, run_config, tokenizers, new_tokens, t_start):
+def write_totals(n_questions, run_config, tokenizers, new_tokens, t_start, spent, device):
     """Rank 0: merge torchrun's part files (of this run or an earlier one), then the totals over the
-    whole run (resumed parts and all processes included), the page and a one-line summary."""
+    whole run (resumed parts and all processes included), the page and a one-line summary. The costs
+    the efficiency table reads: questions sampled and kept, kept positions, sampling time, device."""
     if os.path.isdir(os.path.join(out_dir, "parts")):
         merge(out_dir, n_questions)
     rollouts = complete_lines(os.path.join(out_dir, "rollouts.jsonl"))
-    kls = [k for r in rollouts for k in r["kl"]]
-    n_kept, wall = sum(len(r["kept"]) for r in rollouts), time.time() - t_start
-    totals = dict(questions=len(rollouts), generated_tokens=len(kls), kept_positions=n_kept,
-                  kept_fraction=n_kept / max(len(kls), 1), mean_kl=statistics.fmean(kls) if kls else 0.0,
+    kls, n_tokens = [k for r in rollouts for k in r.get("kl", [])], sum(len(r["completion_ids"]) for r in rollouts)
+    kept = [r for r in rollouts if r.get("kept") or r.get("correct")]  # questions that give records
+    n_kept = sum(len(r["completion_ids"] if select == "sft" else r["kept"]) for r in kept)
+    wall = time.time() - t_start
+    totals = dict(questions=len(rollouts), generated_tokens=n_tokens, kept_positions=n_kept,
+                  kept_fraction=n_kept / max(n_tokens, 1), mean_kl=statistics.fmean(kls) if kls else 0.0,
                   median_kl=statistics.median(kls) if kls else 0.0, wall_time_s=wall,
-                  tokens_per_s=new_tokens / wall if wall > 0 else 0.0, processes=WORLD_SIZE, batch_size=batch_size)
+                  tokens_per_s=new_tokens / wall if wall > 0 else 0.0, processes=WORLD_SIZE, batch_size=batch_size,
+                  questions_kept=len(kept), sampling_time_s=spent + wall, device=device)
     write_json(os.path.join(out_dir, "sample_config.json"),
                dict(config=run_config, tokenizers=tokenizers, totals=totals))
-    write_page(os.path.join(out_dir, "rollouts.html"), lambda: rollouts_page(out_dir))
+    write_page(os.path.join(out_dir, "rollouts.html"),
+               lambda: answers_page(out_dir) if select == "sft" else rollouts_page(out_dir))
+    what = f"{len(kept)} right answers" if select == "sft" else f"mean KL {totals['mean_kl']:.3f}"
     print(f"sampled {totals['questions']} questions, {totals['generated_tokens']} tokens; kept {n_kept} positions "
-          f"({100 * totals['kept_fraction']:.1f}%), mean KL {totals['mean_kl']:.3f}; {wall:.0f}s this run "
+          f"({100 * totals['kept_fraction']:.1f}%), {what}; {wall:.0f}s this run "
           f"({totals['tokens_per_s']:.1f} tokens/s) -> {os.path.join(out_dir, 'samples.jsonl')}, "
           f"{os.path.join(out_dir, 'rollouts.html')}")
 
@@ -424,6 +471,16 @@ def rollouts_page(out_dir):
     return page("LightReasoner stage 1: where the expert and the amateur differ", head + "".join(blocks), css)
 
 
+def answers_page(out_dir):
+    """--select sft: per question the expert's answer, its final number and GSM8K's, kept or rejected."""
+    rollouts = complete_lines(os.path.join(out_dir, "rollouts.jsonl"))
+    blocks = [f"<div class=q><p class=h>#{r['index']} · {'kept' if r['correct'] else 'rejected'}: ends on "
+              f"{esc(r['pred'])}, GSM8K says {esc(r['answer'])}</p><p>{esc(r['question'])}</p>"
+              f"<p class=c>{visible(r['completion'])}</p></div>\n" for r in rollouts]
+    head = f"<p>{len(rollouts)} questions, {sum(r['correct'] for r in rollouts)} answers kept whole</p>"
+    return page("SFT baseline: the expert's answers, checked against GSM8K", head + "".join(blocks), CSS)
+
+
 # -----------------------------------------------------------------------------
 if __name__ == "__main__":
     globals().update(parse_flags({k: globals()[k] for k in config_keys}, __doc__))
@@ -438,22 +495,24 @@ if __name__ == "__main__":
     run_config = {k: globals()[k] for k in ["expert", "amateur", "data", "max_questions", "max_new_tokens",
                                             "alpha", "beta", "select", "system_prompt", "seed"]}
     run_config["dtype"] = str(torch_dtype).removeprefix("torch.")
+    run_config["amateur"] = None if select == "sft" else amateur
     if master:
         check_out_dir(run_config)
 
-    # ---- the models, compared on the ids both output layers have (Qwen pads its vocabularies to different sizes)
+    # ---- the models, compared on the ids both output layers have (Qwen pads its vocabularies to different
+    # sizes); the SFT baseline (--select sft) needs no amateur
     tok = load_tokenizer(expert)
-    tokenizers = compare_tokenizers(tok, load_tokenizer(amateur))
+    tokenizers = None if select == "sft" else compare_tokenizers(tok, load_tokenizer(amateur))
     expert_model = load_model(expert, dev, torch_dtype)
-    amateur_model = load_model(amateur, dev, torch_dtype)
-    vocab = min(expert_model.get_output_embeddings().out_features, amateur_model.get_output_embeddings().out_features)
+    amateur_model = None if select == "sft" else load_model(amateur, dev, torch_dtype)
+    vocab = min(m.get_output_embeddings().out_features for m in (expert_model, amateur_model) if m is not None)
     stop_ids = stop_token_ids(tok, expert_model)  # the expert's own end tokens
 
     # ---- sample what is not done yet; then, over all processes (the sum waits for them), the totals
-    done = finished_questions(run_config, tokenizers)
+    done, spent = finished_questions(run_config, tokenizers)
     t_start = time.time()
     new_tokens = sample_all(questions, done, tok, expert_model, amateur_model, vocab, stop_ids)
     new_tokens = sum_over_ranks([new_tokens], dev)[0]
     if master:
-        write_totals(len(questions), run_config, tokenizers, new_tokens, t_start)
+        write_totals(len(questions), run_config, tokenizers, new_tokens, t_start, spent, device_name(dev))
     barrier()  # all processes end together, after rank 0's files (one leaving early can abort Gloo's exit)

@@ -14,6 +14,8 @@ KL(v_C‖π_θ) = Σ_a v_C(a) (log v_C(a) − log π_θ(a)), averaged over a bat
     python train.py --lr 0 --max-steps 20 --samples out/samples.jsonl --out-dir out/untrained
                                                       # the loss of the untrained expert
     python train.py --label expert --out-dir out/expert   # ablation: train towards π_E instead of v_C
+    python train.py --out-dir out_sft --max-steps 250     # the SFT baseline (sample.py --select sft):
+                                                      # cross-entropy on every token of its right answers
     torchrun --standalone --nproc_per_node 4 train.py # 4 GPUs share each step's 16 records (DDP)
 
 Writes out/lora (the adapter, loadable with PeftModel.from_pretrained), out/train_log.jsonl (one line
@@ -34,14 +36,16 @@ import warnings
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model, load_peft_weights, set_peft_model_state_dict
 from safetensors import SafetensorError
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from common import (RANK, WORLD_SIZE, append_jsonl, barrier, chat_prompt_ids, chat_prompt_text, complete_lines, die,
-                    differing, esc, init_distributed, load_model, load_tokenizer, lock_dir, make_dir, master, page, parse_flags,
-                    pick_device, pick_dtype, read_json, read_jsonl, sum_over_ranks, write_json, write_jsonl, write_page)
+from common import (RANK, WORLD_SIZE, append_jsonl, barrier, chat_prompt_ids, chat_prompt_text, complete_lines,
+                    device_name, die, differing, esc, init_distributed, load_model, load_tokenizer, lock_dir, make_dir,
+                    master, page, parse_flags, pick_device, pick_dtype, read_json, read_jsonl, sum_over_ranks,
+                    write_json, write_jsonl, write_page)
 
 # -----------------------------------------------------------------------------
 # configuration: the defaults reproduce the paper (its reference script's Trainer settings)
@@ -189,15 +193,32 @@ def soft_label_kl(model, inputs, soft_labels, pad_id):
     return kl, sum(map(len, rows))
 
 
+def answer_nll(model, inputs, starts, pad_id):
+    """The SFT baseline's loss: each record's cross-entropy to its own answer, −Σ_t log π_θ(x_t | x_<t)
+    summed over the answer tokens x_t (those from starts[i] on), (N,); and the tokens processed. Packed
+    as soft_label_kl is; the lm_head runs only at the answer's positions (column t − 1 predicts token t)."""
+    rows, where = pack(inputs)
+    dev, width = model.device, max(map(len, rows))
+    ids = torch.tensor([r + [pad_id] * (width - len(r)) for r in rows], device=dev)  # (R, L), right-padded
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=dev)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hidden = base.get_decoder()(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state  # (R, L, H)
+    reads = [(r, t - 1, x[t], i)  # (row, column, target token, record) of every answer token
+             for i, ((r, _), x, s) in enumerate(zip(where, inputs, starts)) for t in range(s, len(x))]
+    row, col, target, owner = torch.tensor(reads, device=dev).T  # (T,) each
+    nll = F.cross_entropy(base.get_output_embeddings()(hidden[row, col]).float(), target, reduction="none")
+    return torch.zeros(len(inputs), device=dev).index_add(0, owner, nll), sum(map(len, rows))
+
+
 class PackedKL(torch.nn.Module):
-    """soft_label_kl as a module. DistributedDataParallel syncs the gradients of what runs inside
-    its wrapped module's forward, and soft_label_kl calls the decoder and lm_head directly."""
-    def __init__(self, model):
+    """soft_label_kl (or answer_nll, for SFT) as a module. DistributedDataParallel syncs the gradients of
+    what runs inside its wrapped module's forward, and soft_label_kl calls the decoder and lm_head directly."""
+    def __init__(self, model, loss=soft_label_kl):
         super().__init__()
-        self.model = model
+        self.model, self.loss = model, loss
 
     def forward(self, inputs, soft_labels, pad_id):
-        return soft_label_kl(self.model, inputs, soft_labels, pad_id)
+        return self.loss(self.model, inputs, soft_labels, pad_id)
 
 
 @functools.lru_cache(maxsize=2)
@@ -291,10 +312,36 @@ def check_flags():
             f"a step's micro-batches; pass a multiple of {WORLD_SIZE} (and a smaller --batch-size to keep the step)")
 
 
+def read_answers(path):
+    """The SFT baseline's records (sample.py --select sft), checked line by line: a question and the
+    expert's whole right answer, `completion_ids`, each of whose tokens is a target (as input and output
+    ids: check_vocab checks both). None when the file holds other records (its first line tells)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            first = json.loads(f.readline())
+    except (OSError, ValueError, RecursionError):  # missing, binary, malformed: read_samples says which
+        return None
+    if not (isinstance(first, dict) and "completion_ids" in first and "prefix_ids" not in first):
+        return None
+    if label != "contrast":
+        die(f"{path} holds whole answers (sample.py --select sft): they are tuned by cross-entropy to their own "
+            f"tokens, so --label {label} does not apply; leave it out")
+    records = []
+    for n, row in read_jsonl(path, "samples file", with_lines=True):
+        ids = row.get("completion_ids")
+        if not isinstance(row.get("question"), str) or not is_ids(ids) or not ids:
+            die(f"{path}:{n}: an SFT record needs \"question\" and a non-empty \"completion_ids\" (token ids ≥ 0), "
+                "like the lines before it; fix or remove that line")
+        records.append(dict(line=n, question=row["question"], prefix=None, prefix_ids=ids, token_ids=ids,
+                            target=None))
+    return records
+
+
 def read_run_samples():
     """The samples, and the expert they were drawn with (the one we must tune) and its system prompt."""
     path = samples or os.path.join(out_dir, "samples.jsonl")
-    records, official = read_samples(path, label)
+    answers = read_answers(path)  # the SFT baseline's whole answers, or None
+    records, official = (answers, False) if answers is not None else read_samples(path, label)
     config = os.path.join(os.path.dirname(path), "sample_config.json")
     sampled = {} if official or not os.path.exists(config) else read_json(
         config, fix="it is stage 1's record of the expert and system prompt; restore it from that run").get("config", {})
@@ -302,7 +349,7 @@ def read_run_samples():
     if sampled.get("expert") and not same_model(name, sampled["expert"]) and not force:
         die(f"--expert {name} is not {sampled['expert']}, the expert these samples were drawn with; LightReasoner "
             "tunes the very model whose moves were labelled (pass --force to train anyway)")
-    return path, records, official, sampled.get("system_prompt", DEFAULT_SYSTEM_PROMPT), name
+    return path, records, official, sampled.get("system_prompt", DEFAULT_SYSTEM_PROMPT), name, answers is not None
 
 
 def prepare_out_dir(run_config):
@@ -372,22 +419,27 @@ def resume_from(found, model, optimizer, scheduler):
     return state["step"], state["position"], state["elapsed_s"]
 
 
-def forward_backward(loss_fn, inputs, targets_V, step, position, autocast, pad_id):
+def forward_backward(loss_fn, inputs, targets_V, step, position, autocast, pad_id, sizes=None):
     """This process's micro-batches of one step, from `position` in the stream of shuffled records:
-    their KL(target‖π_θ), backpropagated. Returns (the sum of the KL, tokens processed)."""
+    their KL(target‖π_θ), backpropagated. With `sizes` (SFT: the answer tokens of each record) the step's
+    loss is the mean cross-entropy over all its answer tokens instead. Returns (the sum of the KL,
+    tokens processed, what the step's sum is divided by)."""
     loss_sum, tokens = 0.0, 0
     mine = range(RANK, grad_accum, WORLD_SIZE)  # this process's micro-batches of the step
+    batches = [[epoch_order(len(inputs), seed, p // len(inputs))[p % len(inputs)]
+                for p in range(position + k * batch_size, position + (k + 1) * batch_size)]
+               for k in range(grad_accum)]  # every micro-batch of the step (SFT divides by all their tokens)
+    per = batch_size * len(mine) if sizes is None else sum(sizes[i] for b in batches for i in b) / WORLD_SIZE
     for k in mine:
-        batch = [epoch_order(len(inputs), seed, p // len(inputs))[p % len(inputs)]
-                 for p in range(position + k * batch_size, position + (k + 1) * batch_size)]
+        batch = batches[k]
         torch.manual_seed(seed + 1_000_003 * (step * grad_accum + k + 1))  # dropout masks: fixed per micro-batch
         with loss_fn.no_sync() if WORLD_SIZE > 1 and k != mine[-1] else contextlib.nullcontext():  # sync once
             with autocast:
                 kl, n_tokens = loss_fn([inputs[i] for i in batch], [targets_V[i] for i in batch], pad_id)
-            # "batchmean" over the step's records; DDP averages the gradients over the processes
-            (kl.sum() / (batch_size * len(mine))).backward()
+            # "batchmean" over the step's records (SFT: its tokens); DDP averages the gradients over the processes
+            (kl.sum() / per).backward()
         loss_sum, tokens = loss_sum + kl.sum().item(), tokens + n_tokens
-    return loss_sum, tokens
+    return loss_sum, tokens, per * WORLD_SIZE
 
 
 def log_step(row, bar, run_config, model, optimizer, scheduler, position):
@@ -404,20 +456,26 @@ def log_step(row, bar, run_config, model, optimizer, scheduler, position):
         write_page(os.path.join(out_dir, "train.html"), lambda: train_page(out_dir))
 
 
-def finish(model, tok, run_config, n_records, start_step, processed, t_start, elapsed):
-    """Rank 0, at the end: the adapter (and the merged model), the totals, the page, a summary line."""
+def finish(model, tok, run_config, n_records, start_step, processed, t_start, elapsed, tuned=None):
+    """Rank 0, at the end: the adapter (and the merged model), the totals, the page, a summary line.
+    The totals hold the costs the efficiency table reads: tuned tokens (`tuned`, the answer tokens of
+    the SFT baseline's steps; else one position per record), training time over all runs, device."""
     lora_dir, merged_dir = os.path.join(out_dir, "lora"), os.path.join(out_dir, "merged")
+    device = device_name(str(model.device))
     save_model(lora_dir, model, tok)
     if merge:
         save_model(merged_dir, model.merge_and_unload(), tok)
     wall, seen = time.time() - t_start, max_steps * batch_size * grad_accum
     log = complete_lines(os.path.join(out_dir, "train_log.jsonl"))
-    totals = dict(steps=max_steps, records_seen=seen, tuned_tokens=seen, records=n_records,
-                  final_loss=log[-1]["loss"] if log else None, wall_time_s=elapsed + wall)
+    totals = dict(steps=max_steps, records_seen=seen, tuned_tokens=seen if tuned is None else tuned,
+                  records=n_records, final_loss=log[-1]["loss"] if log else None, wall_time_s=elapsed + wall,
+                  device=device, processes=WORLD_SIZE)
     write_json(os.path.join(out_dir, "train_config.json"), {"config": run_config, "totals": totals})
     write_page(os.path.join(out_dir, "train.html"), lambda: train_page(out_dir))
-    print(f"trained {max_steps} steps ({max_steps - start_step} this run): {seen} records seen = {seen} tuned tokens "
-          f"(one position each), {processed} tokens processed this run; {wall:.0f}s this run -> {lora_dir}"
+    seen_text = f"{seen} records seen = {seen} tuned tokens (one position each)" if tuned is None else (
+        f"{seen} answers seen, {tuned} tuned tokens (all of theirs)")
+    print(f"trained {max_steps} steps ({max_steps - start_step} this run): {seen_text}, "
+          f"{processed} tokens processed this run; {wall:.0f}s this run -> {lora_dir}"
           + (f", {merged_dir}" if merge else ""))
 
 
@@ -467,7 +525,7 @@ def table(title, d):
 if __name__ == "__main__":
     globals().update(parse_flags({k: globals()[k] for k in config_keys}, __doc__))
     check_flags()
-    samples, records, official, system_prompt, expert = read_run_samples()
+    samples, records, official, system_prompt, expert, sft = read_run_samples()
     torch_dtype = pick_dtype(dtype, pick_device(device))
     if torch_dtype == torch.float16:
         die("--dtype float16 is not supported for training (no loss scaling: small gradients underflow); "
@@ -477,6 +535,7 @@ if __name__ == "__main__":
     run_config = {k: globals()[k] for k in ["expert", "samples", "label", "max_steps", "batch_size", "grad_accum",
                                             "lr", "lora_r", "lora_alpha", "lora_dropout", "target_modules", "seed"]}
     run_config.update(records=len(records), system_prompt=system_prompt, dtype=str(torch_dtype).removeprefix("torch."))
+    run_config["label"] = "sft" if sft else label  # whole answers: cross-entropy to their own tokens
     found = prepare_out_dir(run_config)
     dev = init_distributed(device)  # under torchrun: join the process group, take GPU LOCAL_RANK
 
@@ -492,10 +551,14 @@ if __name__ == "__main__":
     autocast = torch.autocast(dev.split(":")[0], dtype=torch_dtype, enabled=torch_dtype != torch.float32)
     inputs = [input_ids(tok, r, system_prompt, official) for r in records]
     targets_V = [(r["token_ids"], r["target"]) for r in records]  # v_C (or the --label ablation) over V
+    sizes = [len(r["prefix_ids"]) for r in records] if sft else None  # SFT: every answer token is a target
+    if sft:  # its targets: where each answer starts, after the prompt; its loss: cross-entropy (answer_nll)
+        targets_V = [len(x) - len(r["prefix_ids"]) for x, r in zip(inputs, records)]
 
     # ---- resume: adapter, optimiser, schedule and the position in the record stream
     step, position, elapsed = resume_from(found, model, optimizer, scheduler) if resume else (0, 0, 0.0)
-    loss_fn = PackedKL(model) if WORLD_SIZE == 1 else DistributedDataParallel(PackedKL(model))
+    loss_fn = PackedKL(model, answer_nll if sft else soft_label_kl)
+    loss_fn = loss_fn if WORLD_SIZE == 1 else DistributedDataParallel(loss_fn)
 
     # ---- train: each step averages KL(target‖π_θ) over batch_size × grad_accum records; its
     # micro-batches are dealt to the processes (all to the one, without torchrun)
@@ -504,7 +567,8 @@ if __name__ == "__main__":
     while step < max_steps:
         t_step = time.time()
         try:
-            loss_sum, tokens = forward_backward(loss_fn, inputs, targets_V, step, position, autocast, tok.pad_token_id)
+            loss_sum, tokens, divisor = forward_backward(loss_fn, inputs, targets_V, step, position, autocast,
+                                                         tok.pad_token_id, sizes)
         except torch.cuda.OutOfMemoryError:
             bar.close()
             die(f"out of GPU memory at step {step + 1} with --batch-size {batch_size}; lower --batch-size and raise "
@@ -521,7 +585,7 @@ if __name__ == "__main__":
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step, processed, now = step + 1, processed + int(tokens), time.time()
-        row = dict(step=step, loss=loss_sum / n, lr=lr_now, records=n, tokens=int(tokens),
+        row = dict(step=step, loss=loss_sum / divisor, lr=lr_now, records=n, tokens=int(tokens),
                    records_per_s=n / (now - t_step), elapsed_s=elapsed + now - t_start)
         if master:
             log_step(row, bar, run_config, model, optimizer, scheduler, position)
@@ -529,5 +593,7 @@ if __name__ == "__main__":
 
     # ---- the adapter (and the merged model), the totals and the page: rank 0 writes them
     if master:
-        finish(model, tok, run_config, len(records), start_step, processed, t_start, elapsed)
+        tuned = sizes and sum(sizes[epoch_order(len(sizes), seed, p // len(sizes))[p % len(sizes)]]
+                              for p in range(max_steps * n))  # the answer tokens of every step's records
+        finish(model, tok, run_config, len(records), start_step, processed, t_start, elapsed, tuned)
     barrier()  # the other processes wait for rank 0's files

@@ -4,6 +4,7 @@ the one grading/writing path (resume, several processes), the merged adapter, an
 user can make ending in one line. The grader is tested in test_evaluate.py, the pages in
 test_evaluate_page.py.
 """
+import html.parser
 import json
 import os
 import runpy
@@ -14,7 +15,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import ROOT, run_script, run_torchrun
+from conftest import GSM8K_FIXTURE, ROOT, run_script, run_torchrun
 
 sys.path.insert(0, ROOT)  # our evaluate.py, not a package of the same name
 import common  # noqa: E402
@@ -274,6 +275,115 @@ def test_a_program_that_hangs_crashes_or_floods_costs_one_answer(monkeypatch):
     assert E.run_program("import os\nwhile True: os.write(1, b'x' * 65536)\nprint(1)").startswith("RuntimeError: the program ended")
     assert E.run_program("while True: print('x' * 10**8)") == "MemoryError"
     assert E.run_program("open('f', 'w').write('x')\nprint(1)") == "1" and not os.path.exists("f")  # in a temporary dir
+
+
+# -----------------------------------------------------------------------------
+# pages, parsed with the standard library
+
+
+class Page(html.parser.HTMLParser):
+    def __init__(self, text):
+        super().__init__()
+        self.tags, self.text = [], []
+        self.feed(text)
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs)))
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+# -----------------------------------------------------------------------------
+# the efficiency table: each tuned model's gain beside what its sampling and training runs recorded
+
+
+def recorded_run(root, name, select, label, sampled, trained):
+    """<root>/<name>: lora/, and the records train.py and sample.py write there (their costs only)."""
+    os.makedirs(root / name / "lora")
+    (root / name / "sample_config.json").write_text(json.dumps(dict(config=dict(select=select), totals=sampled)))
+    config = dict(samples=str(root / name / "samples.jsonl"), label=label)
+    (root / name / "train_config.json").write_text(json.dumps(dict(config=config, totals=trained)))
+    return root / name / "lora"
+
+
+def test_the_costs_are_read_from_the_records_sample_and_train_write(tiny_models, tmp_path, monkeypatch, capsys):
+    out, threads = tmp_path / "out", torch.get_num_threads()
+    torch.set_num_threads(1)  # the tiny models run in this process (two threads on two busy cores: far slower)
+    steps = (("sample.py", ["--amateur", tiny_models["amateur"], "--data", GSM8K_FIXTURE, "--beta", 7,
+                            "--max-questions", 3, "--max-new-tokens", 6]), ("train.py", ["--max-steps", 2]))
+    try:
+        for script, args in steps:
+            monkeypatch.setattr(sys, "argv", [script, "--expert", tiny_models["expert"], "--out-dir", str(out),
+                                              *map(str, args)])
+            runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
+            common.release_locks()
+    finally:
+        torch.set_num_threads(threads)
+        common.release_locks()
+    sampled, trained = (json.load(open(out / f))["totals"] for f in ("sample_config.json", "train_config.json"))
+    assert E.run_costs(str(out / "lora")) == dict(
+        method="LightReasoner", sampled=3, kept=sampled["questions_kept"], positions=sampled["kept_positions"],
+        tuned=32, sample_s=sampled["sampling_time_s"], train_s=trained["wall_time_s"],
+        time_s=sampled["sampling_time_s"] + trained["wall_time_s"], device="cpu")
+    assert trained["tuned_tokens"] == 32 and 0 < sampled["questions_kept"] <= 3 and sampled["kept_positions"] > 0
+
+
+def test_the_efficiency_table_shows_gains_and_the_costs_on_record_with_ratios_to_sft(tmp_path, capsys):
+    evil = "<script>alert(1)</script>"
+    light = recorded_run(tmp_path, "out", "kl", "contrast",
+                         dict(questions=1000, questions_kept=998, kept_positions=16422, sampling_time_s=1500.0,
+                              device="H100"), dict(tuned_tokens=16000, wall_time_s=300.0, device="H100"))
+    sft = recorded_run(tmp_path, "out_sft", "sft", "sft",
+                       dict(questions=7473, questions_kept=3952, kept_positions=1180000, sampling_time_s=9000.0,
+                            device="H100"), dict(tuned_tokens=1770000, wall_time_s=6000.0, device=evil))
+    unrecorded = recorded_run(tmp_path, "damaged", "kl", "contrast", {}, {})
+    (tmp_path / "damaged" / "train_config.json").write_text('{"config": ')
+    eval_dir = tmp_path / "eval"
+    for tag, adapter, correct in (("m", None, (4, 3)), ("m+lora", light, (7, 6)), ("m+out_sft", sft, (6, 4)),
+                                  ("m+damaged", unrecorded, (9, 9)), ("other+lora", light, (1, 1))):
+        os.makedirs(eval_dir / tag)
+        (eval_dir / tag / "run.json").write_text(json.dumps(dict(adapter=adapter and str(adapter))))
+        (eval_dir / tag / "summary.json").write_text(json.dumps(
+            {b: dict(n=10, correct=c, accuracy=10.0 * c) for b, c in zip(("gsm8k", "math"), correct)}))
+        for b in ("gsm8k", "math"):  # the page also reads the rows (none here)
+            (eval_dir / tag / f"{b}.jsonl").write_text("")
+    rows = E.efficiency(str(eval_dir))  # no costs on record, or no base model evaluated: no row
+    assert [(r["tag"], r["method"]) for r in rows] == [("m+lora", "LightReasoner"), ("m+out_sft", "SFT")]
+    ours, theirs = rows
+    assert ours["gain"] == pytest.approx(30.0) and theirs["gain"] == pytest.approx(15.0)  # mean over gsm8k, math
+    assert ours["accuracy"] == pytest.approx(65.0) and theirs["accuracy"] == pytest.approx(50.0)
+    assert (ours["sampled"], ours["kept"], ours["positions"], ours["tuned"]) == (1000, 998, 16422, 16000)
+    assert (ours["time_s"], theirs["time_s"], ours["device"], theirs["device"]) == (1800, 15000, "H100", f"H100 / {evil}")
+    assert ours["vs_sft"] == pytest.approx(dict(time_s=1800 / 15000, sampled=1000 / 7473, tuned=16000 / 1770000))
+    assert not theirs["vs_sft"]
+    E.print_efficiency(str(eval_dir))
+    title, header, *lines = capsys.readouterr().out.strip().splitlines()
+    assert title.startswith("efficiency:") and header.split()[:4] == ["model", "method", "accuracy", "gain"]
+    assert len(lines) == 2 and lines[0].split()[:5] == ["m+lora", "LightReasoner", "65.0", "+30.0", "2"]
+    for cell in ("30.0 min = 25.0 min + 5.0 min (0.12× SFT)", "1,000 (0.13× SFT)", " 998 ", "16,422",
+                 "16,000 (0.01× SFT)"):
+        assert cell in lines[0]
+    assert lines[1].split()[:5] == ["m+out_sft", "SFT", "50.0", "+15.0", "2"] and "SFT)" not in lines[1]
+    assert "4.17 h = 2.50 h + 1.67 h" in lines[1] and "1,770,000" in lines[1] and "3,952" in lines[1]
+    page = Page(E.report_page(str(eval_dir)))
+    text = "".join(page.text)
+    assert "Efficiency" in text and "30.0 min = 25.0 min + 5.0 min (0.12× SFT)" in text and evil in text
+    assert not [t for t, _ in page.tags if t == "script"]
+
+
+def test_an_adapter_of_another_run_is_named_after_that_run(tmp_path, monkeypatch):
+    for d in ("out/lora", "out_sft/lora", "mine"):
+        os.makedirs(tmp_path / d)
+        (tmp_path / d / "adapter_config.json").write_text("{}")
+    monkeypatch.setattr(E, "data_dir", EVAL_DATA)
+    monkeypatch.setattr(E, "out_dir", str(tmp_path / "out"))
+    monkeypatch.setattr(E, "model", "Qwen/Qwen2.5-Math-1.5B")
+    tags = []
+    for d in ("out/lora", "out_sft/lora", "mine"):
+        monkeypatch.setattr(E, "adapter", str(tmp_path / d))
+        tags.append(E.model_runs(["gsm8k"], 1, "cpu")[0][1][0])
+    assert tags == ["Qwen2.5-Math-1.5B+lora", "Qwen2.5-Math-1.5B+out_sft", "Qwen2.5-Math-1.5B+mine"]
 
 
 # -----------------------------------------------------------------------------

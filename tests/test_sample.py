@@ -437,10 +437,10 @@ def test_torchrun_killed_midway_and_resumed_writes_the_bytes_of_one_process(full
         assert (d / name).read_bytes() == (out / name).read_bytes(), name
     assert not (d / "parts").exists() and proc.stdout.count("sampled 12 questions") == 1
     config, ref = (json.loads((x / "sample_config.json").read_text()) for x in (d, out))
-    drop = ("wall_time_s", "tokens_per_s", "processes")
+    drop = ("wall_time_s", "tokens_per_s", "processes", "sampling_time_s", "device")
     assert {k: v for k, v in config["totals"].items() if k not in drop} == {
         k: v for k, v in ref["totals"].items() if k not in drop}
-    assert config["totals"]["processes"] == 2
+    assert config["totals"]["processes"] == 2 and config["totals"]["device"] == "cpu ×2"
     code, _, err = run_main("sample.py", sample_args(tiny_models, tmp_path / "one"), capsys)  # resumed with 1
     assert code == 0, err
     for name in ("samples.jsonl", "rollouts.jsonl"):
@@ -604,3 +604,86 @@ def test_a_second_run_on_a_locked_out_dir_stops_in_one_line(tiny_models, tmp_pat
     assert proc.stderr.strip().splitlines() == [
         f"error: {tmp_path} is in use by another sample run (pid {os.getpid()}); wait for it to end, or pass another --out-dir"]
     assert not os.path.exists(tmp_path / "sample_config.json")
+
+
+# -----------------------------------------------------------------------------
+# the SFT baseline (--select sft): the expert's whole answers, kept when they end on GSM8K's number
+
+
+@pytest.mark.parametrize("completion, answer, number, right", [
+    ("so she makes \\boxed{18}.", "16 - 3 - 4 = 9\n#### 18", 18, True),
+    ("\\boxed{1,000} dollars", "#### 1,000", 1000, True),  # commas inside numbers dropped, both sides
+    ("The total is 72 clips.", "#### 72", 72, True),  # no \boxed: the last number of the text
+    ("It costs $2.50 each, \\boxed{-2.5} in all", "#### -2.50", -2.5, True),
+    ("\\boxed{18} since 3 + 15 = 18, and 5 more", "#### 18", 18, True),  # the box wins over later numbers
+    ("\\boxed{17}", "#### 18", 17, False),
+    ("She has 18 eggs and sells 3", "#### 18", 3, False),  # the answer's last number is what it says
+    ("I cannot tell.", "#### 18", None, False),  # no number: rejected
+    ("\\boxed{x}", "#### 4", None, False),
+    ("4", "#### none", 4, False),  # no number in the ground truth: nothing can match
+])
+def test_the_sft_filter_reads_the_answers_final_number(completion, answer, number, right):
+    assert sample.final_number(completion) == number
+    assert sample.is_correct(completion, answer) is right
+
+
+@pytest.fixture(scope="module")
+def sft_expert(tiny_models, tmp_path_factory):
+    """The tiny expert with "7" and "2" among its end tokens, so that many of its answers end (on a
+    number) within a few tokens, as a real model's answers end on theirs."""
+    path = tmp_path_factory.mktemp("sft_expert") / "expert"
+    shutil.copytree(tiny_models["expert"], path)
+    config = json.loads((path / "generation_config.json").read_text())
+    tok = common.load_tokenizer(str(path))
+    config["eos_token_id"] = [tok.eos_token_id, tok.convert_tokens_to_ids("7"), tok.convert_tokens_to_ids("2")]
+    (path / "generation_config.json").write_text(json.dumps(config))
+    return str(path)
+
+
+def test_sft_keeps_whole_finished_answers_that_end_on_the_ground_truth(sft_expert, tmp_path, capsys):
+    args = ["--expert", sft_expert, "--select", "sft", "--max-questions", 12, "--max-new-tokens", 20, "--batch-size", 4]
+    code, _, err = run_main("sample.py", [*args, "--data", GSM8K_FIXTURE, "--out-dir", tmp_path / "first"], capsys)
+    assert code == 0, err
+    first = [json.loads(line) for line in read_lines(tmp_path / "first" / "rollouts.jsonl")]
+    tok = common.load_tokenizer(sft_expert)
+    stops = common.stop_token_ids(tok, common.load_model(sft_expert, "cpu", torch.float32))
+    ended = [r["completion_ids"][-1] in stops for r in first]
+    assert 3 <= sum(ended) < 12 and any(r["pred"] is None for r in first)  # some ended, some have no number
+    assert any(r["pred"] is not None and not e for r, e in zip(first, ended))  # and some stopped short on one
+    # The ground truth: the answer's own final number for even questions and for answers that did not end,
+    # one more for the odd ones that ended; so exactly the even questions that ended are right.
+    data = tmp_path / "q.jsonl"
+    truth = [(r["pred"] or 0) + (i % 2 and ended[i]) for i, r in enumerate(first)]
+    data.write_text("".join(json.dumps(dict(question=r["question"], answer=f"so\n#### {t:g}")) + "\n"
+                            for r, t in zip(first, truth)))
+    out = tmp_path / "second"
+    code, stdout, err = run_main("sample.py", [*args, "--data", data, "--out-dir", out], capsys)
+    assert code == 0, err
+    rollouts = [json.loads(line) for line in read_lines(out / "rollouts.jsonl")]
+    samples = [json.loads(line) for line in read_lines(out / "samples.jsonl")]
+    right = [i for i, r in enumerate(first) if ended[i] and i % 2 == 0 and r["pred"] is not None]
+    assert [r["completion_ids"] for r in rollouts] == [r["completion_ids"] for r in first]  # the same greedy answers
+    assert [r["correct"] for r in rollouts] == [i in right for i in range(12)] and [s["index"] for s in samples] == right
+    for s in samples:  # one record per answer, its tokens once: no copy of a prefix per position
+        assert s["completion_ids"] == rollouts[s["index"]]["completion_ids"] and "prefix_ids" not in s
+        assert s["completion"] == tok.decode(s["completion_ids"]) and s["answer"] == f"{truth[s['index']]:g}"
+    config = json.loads((out / "sample_config.json").read_text())
+    totals = config["totals"]
+    assert config["config"]["amateur"] is None and config["tokenizers"] is None  # no amateur loaded
+    assert totals["questions"] == 12 and totals["questions_kept"] == len(right) and totals["device"] == "cpu"
+    assert totals["kept_positions"] == sum(len(s["completion_ids"]) for s in samples)
+    assert totals["generated_tokens"] == sum(len(r["completion_ids"]) for r in rollouts)
+    assert totals["sampling_time_s"] == totals["wall_time_s"] > 0
+    assert f"{len(right)} right answers" in stdout
+    page = Page((out / "rollouts.html").read_text())
+    assert "".join(page.text).count("kept:") == len(right) and "".join(page.text).count("rejected:") == 12 - len(right)
+    # run again: nothing to do, the files stay, the sampling time is added up over the runs
+    before = (out / "samples.jsonl").read_bytes()
+    assert run_main("sample.py", [*args, "--data", data, "--out-dir", out], capsys)[0] == 0
+    again = json.loads((out / "sample_config.json").read_text())["totals"]
+    assert (out / "samples.jsonl").read_bytes() == before and again["sampling_time_s"] > totals["sampling_time_s"]
+    # questions without a GSM8K answer to check against are refused
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text('{"question": "a?"}\n')
+    code, _, err = run_main("sample.py", [*args, "--data", plain, "--out-dir", tmp_path / "x"], capsys)
+    assert code == 2 and 'plain.jsonl:1: --select sft checks answers against an "answer" field' in err

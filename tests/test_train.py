@@ -2,6 +2,7 @@
 lowers it, the adapter and the merged model reload, resume is exact (also after damage, also under
 torchrun), the --label ablations train towards their targets, bad inputs end in one line, and
 train.html shows the log."""
+import contextlib
 import fcntl
 import html.parser
 import json
@@ -642,3 +643,111 @@ def test_train_page_shows_the_log_and_the_configuration(trained, tmp_path):
     page = Page(train.train_page(str(tmp_path)))
     assert "script" not in page.tags and "img" not in page.tags and evil in "".join(page.text)
     assert len(page.lines["loss"]) == 3
+
+
+# -----------------------------------------------------------------------------
+# the SFT baseline: whole answers (sample.py --select sft), cross-entropy on every token
+
+
+@pytest.fixture(scope="module")
+def sft_samples(tiny_models, tmp_path_factory):
+    """A samples file as sample.py --select sft writes it (beside its sample_config.json): six whole
+    answers of 3 to 12 random tokens, ending on <|endoftext|>; the fifth is a prefix of the fourth's
+    answer to the same question, so packing puts the two in one row."""
+    out = tmp_path_factory.mktemp("sft_sampled")
+    texts = [json.loads(line)["question"] for line in open(GSM8K_FIXTURE)][:5]
+    g = torch.Generator().manual_seed(0)
+    answers = [torch.randint(3, 400, (n,), generator=g).tolist() + [0] for n in (2, 11, 6, 9)]
+    answers.append(answers[3][:5])
+    rows = [dict(index=i, id=q, question=q, completion_ids=ids) for i, (q, ids) in enumerate(zip(texts, answers))]
+    rows.append(dict(rows[3], index=5, completion_ids=answers[3][:5]))
+    rows[4] = dict(rows[4], completion_ids=torch.randint(3, 400, (7,), generator=g).tolist())
+    (out / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = dict(expert=tiny_models["expert"], amateur=None, select="sft", system_prompt="Please reason step by step.")
+    (out / "sample_config.json").write_text(json.dumps(dict(config=config, totals=None)))
+    return str(out / "samples.jsonl"), rows
+
+
+def answer_inputs(tiny_models, rows):
+    tok = load_tokenizer(tiny_models["expert"])
+    prompts = [chat_prompt_ids(tok, r["question"], "Please reason step by step.") for r in rows]
+    return tok, [p + r["completion_ids"] for p, r in zip(prompts, rows)], [len(p) for p in prompts]
+
+
+def test_sft_records_train_at_lr_0_with_the_loss_of_an_independent_cross_entropy(tiny_models, sft_samples, tmp_path,
+                                                                                  capsys):
+    path, rows = sft_samples
+    out = tmp_path / "run"
+    g = train_main("--samples", path, "--out-dir", out, "--max-steps", 3, "--batch-size", 2, "--lr", 0)
+    tok, inputs, starts = answer_inputs(tiny_models, rows)
+    expert = load_model(tiny_models["expert"], "cpu", torch.float32)
+    stream = [g["epoch_order"](6, 1337, p // 6)[p % 6] for p in range(12)]  # 3 steps × 4 answers
+    for row, step in zip(read_log(out), range(3)):
+        nll, n = 0.0, 0
+        for i in stream[4 * step:4 * step + 4]:  # −log π(x_t | x_<t) at every answer token, from full logits
+            with torch.no_grad():
+                logits = expert(torch.tensor([inputs[i]])).logits[0]
+            nll += torch.nn.functional.cross_entropy(logits[starts[i] - 1:-1], torch.tensor(inputs[i][starts[i]:]),
+                                                     reduction="sum").item()
+            n += len(inputs[i]) - starts[i]
+        assert row["lr"] == 0 and row["records"] == 4 and row["loss"] == pytest.approx(nll / n, rel=1e-5)
+    run = json.load(open(out / "train_config.json"))
+    assert run["config"]["label"] == "sft" and run["config"]["records"] == 6
+    assert run["totals"]["tuned_tokens"] == sum(len(rows[i]["completion_ids"]) for i in stream)
+    assert run["totals"]["records_seen"] == 12 and run["totals"]["device"] == "cpu"
+    assert "12 answers seen" in capsys.readouterr().out
+    err = dies(capsys, "--samples", path, "--out-dir", tmp_path / "x", "--label", "greedy")
+    assert "holds whole answers (sample.py --select sft)" in err and "--label greedy does not apply" in err
+
+
+def test_sft_packed_loss_and_gradients_equal_one_answer_per_forward(tiny_models, sft_samples):
+    from peft import LoraConfig, get_peft_model
+    _, rows = sft_samples
+    tok, inputs, starts = answer_inputs(tiny_models, rows)
+    torch.manual_seed(0)
+    model = get_peft_model(load_model(tiny_models["expert"], "cpu", torch.float32),
+                           LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0, init_lora_weights=False))
+    assert len(train.pack(inputs)[0]) == 5  # the answer that is a prefix of another shares its row
+    nll, tokens = train.answer_nll(model, inputs, starts, tok.pad_token_id)
+    n = sum(len(x) - s for x, s in zip(inputs, starts))  # the step's mean over answer tokens, as train.py takes it
+    (nll.sum() / n).backward()
+    packed = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    single = []
+    for x, s in zip(inputs, starts):
+        one, _ = train.answer_nll(model, [x], [s], tok.pad_token_id)
+        (one.sum() / n).backward()
+        single.append(one[0].detach())
+    torch.testing.assert_close(nll.detach(), torch.stack(single), rtol=1e-5, atol=1e-5)
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(packed[n], p.grad, rtol=1e-5, atol=1e-5, msg=n)
+    assert tokens == sum(map(len, inputs)) - len(inputs[5])
+
+
+def test_sft_steps_shared_by_two_processes_add_up_to_one_process(tiny_models, sft_samples, monkeypatch):
+    """Under torchrun each process backpropagates its micro-batches' cross-entropy divided by the whole
+    step's answer tokens / N, and DDP averages the N gradients: together, one process's step. Simulated in
+    this process (ranks 0 and 1 of 2, DDP's average taken by hand) to spare a launch."""
+    from peft import LoraConfig, get_peft_model
+    tok, inputs, starts = answer_inputs(tiny_models, sft_samples[1])
+    sizes = [len(x) - s for x, s in zip(inputs, starts)]
+    torch.manual_seed(0)
+    model = get_peft_model(load_model(tiny_models["expert"], "cpu", torch.float32),
+                           LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0, init_lora_weights=False))
+    loss_fn = train.PackedKL(model, train.answer_nll)
+    monkeypatch.setattr(train, "batch_size", 2)
+
+    def step(rank, world):  # the second step (records 4..7 of the stream), as process `rank` of `world` runs it
+        monkeypatch.setattr(train, "RANK", rank)
+        monkeypatch.setattr(train, "WORLD_SIZE", world)
+        model.zero_grad()
+        loss, _, divisor = train.forward_backward(loss_fn, inputs, starts, 1, 4, contextlib.nullcontext(),
+                                                  tok.pad_token_id, sizes)
+        return loss, divisor, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    (loss, divisor, grads), (loss_0, divisor_0, grads_0), (loss_1, divisor_1, grads_1) = step(0, 1), step(0, 2), step(1, 2)
+    stream = [train.epoch_order(6, 1337, p // 6)[p % 6] for p in range(4, 8)]
+    assert divisor == divisor_0 == divisor_1 == sum(sizes[i] for i in stream)  # the step's answer tokens
+    assert loss_0 + loss_1 == pytest.approx(loss, rel=1e-6) and loss_0 != loss
+    for n in grads:
+        torch.testing.assert_close((grads_0[n] + grads_1[n]) / 2, grads[n], rtol=1e-5, atol=1e-6, msg=n)
