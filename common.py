@@ -21,6 +21,7 @@ import warnings
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 # peft on transformers 5 warns about a renamed transformers method each time it wraps a model: not ours
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
@@ -278,6 +279,24 @@ def greedy_config(max_new_tokens, stop_ids, pad_id, suppress=()):
                             eos_token_id=list(stop_ids), pad_token_id=pad_id, temperature=1.0, top_p=1.0,
                             top_k=50, typical_p=1.0, repetition_penalty=1.0, no_repeat_ngram_size=0,
                             suppress_tokens=list(suppress) or None)
+
+
+class StepBar:
+    """A streamer for model.generate: a second, passing tqdm bar that moves once per decoding step, so
+    a batch that takes minutes (a real model on a CPU) shows how far it is and how long it needs.
+    generate hands over the prompt first (not a step), then each step's new tokens."""
+    def __init__(self, steps, desc):
+        self.bar = tqdm(total=steps, desc=desc, unit="tok", leave=False, position=1, dynamic_ncols=True,
+                        disable=not master)
+        self.prompt = True
+
+    def put(self, value):
+        if not self.prompt:
+            self.bar.update(1)
+        self.prompt = False
+
+    def end(self):
+        self.bar.close()
 
 
 def position_ids(attention_mask):

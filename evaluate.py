@@ -34,7 +34,7 @@ import sympy
 import torch
 from tqdm import tqdm
 
-from common import (append_jsonl, barrier, check_record, complete_lines, die, download, esc, greedy_config, init_distributed,
+from common import (StepBar, append_jsonl, barrier, check_record, complete_lines, die, download, esc, greedy_config, init_distributed,
                     load_model, load_tokenizer, lock_dir, make_dir, master, merge_parts, page, parse_flags, pick_dtype,
                     read_bytes, read_json, read_jsonl, stop_token_ids, sum_over_ranks, write_json, write_page, RANK,
                     WORLD_SIZE)
@@ -242,7 +242,9 @@ def generate(net, tok, prompts, stop_ids, budgets):
     width, dev = max(map(len, prompts)), net.device
     input_ids = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p in prompts], device=dev)  # (B, T)
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=dev)  # (B, T)
-    out = net.generate(input_ids=input_ids, attention_mask=mask, generation_config=config)[:, width:].tolist()
+    bar = StepBar(max(budgets), f"{len(prompts)} completions")  # one batch can take minutes on a CPU
+    out = net.generate(input_ids=input_ids, attention_mask=mask, generation_config=config, streamer=bar)
+    out = out[:, width:].tolist()
     texts, n_tokens, cut_off = [], 0, []
     for row, budget in zip(out, budgets):
         cut = next((i for i, t in enumerate(row[:budget]) if t in stop_ids), len(row[:budget]))

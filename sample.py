@@ -30,10 +30,11 @@ import time
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
-from common import (RANK, WORLD_SIZE, append_jsonl, barrier, chat_prompt_ids, complete_lines, device_name, die,
-                    differing, download, esc, greedy_config, heat, init_distributed, load_model, load_tokenizer,
-                    lock_dir, make_dir, master, page, parse_flags, pick_dtype, position_ids, read_json, read_jsonl,
-                    stop_token_ids, sum_over_ranks, write_json, write_jsonl, write_page)
+from common import (RANK, WORLD_SIZE, StepBar, append_jsonl, barrier, chat_prompt_ids, complete_lines,
+                    device_name, die, differing, download, esc, greedy_config, heat, init_distributed,
+                    load_model, load_tokenizer, lock_dir, make_dir, master, page, parse_flags, pick_dtype,
+                    position_ids, read_json, read_jsonl, stop_token_ids, sum_over_ranks, write_json,
+                    write_jsonl, write_page)
 
 # -----------------------------------------------------------------------------
 # configuration: the defaults reproduce the paper
@@ -69,7 +70,8 @@ def greedy_generate(model, input_ids, attention_mask, max_new_tokens, stop_ids, 
     them); they are suppressed so the amateur can read every generated token."""
     n_out = model.get_output_embeddings().out_features
     config = greedy_config(max_new_tokens, stop_ids, pad_id, suppress=range(vocab, n_out))
-    out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+    out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
+                         streamer=StepBar(max_new_tokens, "this batch"))
     return out[:, input_ids.shape[1]:]
 
 
