@@ -138,7 +138,8 @@ def sum_over_ranks(values, device):
 def lock_dir(path, name):
     """One run at a time per output directory: <path>/.<name>.lock is held with an OS lock (flock)
     for the life of this process and holds its pid. The OS drops the lock when the process ends,
-    even by kill -9, so a dead owner's lock is simply taken over. A second run stops with one line."""
+    even by kill -9, so a dead owner's lock is simply taken over. A second run stops with one line.
+    A forked child (a grading worker) lets go of its copy at once: the lock ends with its owner."""
     import fcntl  # POSIX; the scripts run on Linux
     lock_path = os.path.join(path, f".{name}.lock")
     f = open(lock_path, "a+")
@@ -161,6 +162,9 @@ def release_locks():
     """Let go of every lock this process took, as its end would (for a script run in-process, e.g. by a test)."""
     while _LOCKS:
         _LOCKS.pop().close()
+
+
+os.register_at_fork(after_in_child=release_locks)  # a child closes its copies; the parent's lock stays
 
 
 def make_dir(path, what="--out-dir"):
