@@ -13,7 +13,8 @@ Python code run in between), so our numbers compare with the paper's.
 Benchmarks: data/<bench>/test.jsonl (the toolkit's files, downloaded once). Writes out/eval/<tag>/
 <bench>.jsonl (a graded row per problem), summary.json and run.json (what made the rows), and
 out/eval/report.html. Kill it at any moment and run it again: graded problems are kept. Like the
-toolkit it runs the model's Python (in another process, 5 s and 4 GiB at most): --no-code-exec.
+toolkit it runs the model's Python: in another process, 5 s and 4 GiB at most, in a box (Linux
+namespaces: no network, no secrets, read-only files but its scratch dir); --no-code-exec, --unboxed.
 """
 import contextlib
 import glob
