@@ -207,16 +207,21 @@ def new_user_namespace(kinds, ids=None):  # CLONE_NEWUSER and `kinds`; we keep o
     uid, gid, pid = os.geteuid(), os.getegid(), os.getpid()
     helper = os.fork() if ids else 0  # still root on the host, it writes maps of more ids than our own
     if helper == 0 and ids:
-        os.read(go[0], 1)
-        for name in "uid_map", "gid_map":
-            with open(f"/proc/{pid}/{name}", "w") as f:
-                f.write(ids)
-        os._exit(0)
-    check(libc.unshare(0x10000000 | kinds), "unshare")
+        os.close(go[1])  # so that it reads end of file if we die first
+        with contextlib.suppress(OSError):
+            os.read(go[0], 1)
+            for name in "uid_map", "gid_map":
+                with open(f"/proc/{pid}/{name}", "w") as f:
+                    f.write(ids)
+            os._exit(0)
+        os._exit(1)
+    failed = libc.unshare(0x10000000 | kinds)
     if ids:
         os.write(go[1], b"x")
-        if os.waitpid(helper, 0)[1] != 0:
+        if os.waitpid(helper, 0)[1] != 0 and not failed:
             raise OSError(errno.EPERM, "cannot map the box's user ids")
+    check(failed, "unshare")
+    if ids:
         return
     for name, text in ("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"), ("gid_map", f"{gid} {gid} 1"):
         with open(f"/proc/self/{name}", "w") as f:
