@@ -17,6 +17,7 @@ toolkit it runs the model's Python: in another process, 5 s and 4 GiB at most, i
 namespaces: no network, no secrets, read-only files but its scratch dir); --no-code-exec, --unboxed.
 """
 import contextlib
+import ctypes
 import glob
 import hashlib
 import json
@@ -908,7 +909,6 @@ def grade_worker(conn, parent_end, parent):
     outlives evaluate.py: killed when it ends (Linux), else it ends at recv(), the parent's end closed here."""
     parent_end.close()
     if sys.platform == "linux":
-        import ctypes
         ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: even in the middle of a comparison
     while os.getppid() == parent and (job := conn.recv()) is not None:  # a parent gone before prctl: stop
         completion, gt, name = job
