@@ -73,7 +73,14 @@ def parse_flags(defaults, doc):
         else:
             kind = finite_float if isinstance(value, float) else type(value)
             parser.add_argument(flag, type=kind, default=value, help=f"default: {value}")
-    return vars(parser.parse_args())
+    config = vars(parser.parse_args())
+    for name, value in config.items():  # a file name in another encoding cannot go into our UTF-8 records
+        try:
+            str(value).encode("utf-8")
+        except UnicodeEncodeError:
+            die(f"--{name.replace('_', '-')} {value.encode('utf-8', 'surrogateescape')!r} is not UTF-8; "
+                "rename the file (or directory) to a UTF-8 name")
+    return config
 
 
 # -----------------------------------------------------------------------------
@@ -146,7 +153,8 @@ def sum_over_ranks(values, device):
 def lock_dir(path, name):
     """One run at a time per output directory: <path>/.<name>.lock is held with an OS lock (flock)
     for the life of this process and holds its pid. The OS drops the lock when the process ends,
-    even by kill -9, so a dead owner's lock is simply taken over. A second run stops with one line."""
+    even by kill -9, so a dead owner's lock is simply taken over. A second run stops with one line.
+    A forked child (a grading worker) lets go of its copy at once: the lock ends with its owner."""
     import fcntl  # POSIX; the scripts run on Linux
     lock_path = os.path.join(path, f".{name}.lock")
     f = open(lock_path, "a+")
@@ -169,6 +177,9 @@ def release_locks():
     """Let go of every lock this process took, as its end would (for a script run in-process, e.g. by a test)."""
     while _LOCKS:
         _LOCKS.pop().close()
+
+
+os.register_at_fork(after_in_child=release_locks)  # a child closes its copies; the parent's lock stays
 
 
 def make_dir(path, what="--out-dir"):
@@ -397,13 +408,23 @@ def write_jsonl(path, rows):
 
 def write_json(path, obj):
     """Write JSON atomically: a temporary file renamed over the old one, never a half file."""
+    data = (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8")  # any error here, not half-way
     tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
-        f.write("\n")
+    with open(tmp, "wb") as f:
+        f.write(data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def read_config(path, fix, strings=()):
+    """The "config" object of a stage's *_config.json, its `strings` keys (where present) strings;
+    anything else stops the run with one line, as read_json does."""
+    config = read_json(path, fix).get("config", {})
+    if not isinstance(config, dict) or any(not isinstance(config.get(k, ""), str) for k in strings):
+        kind = f"an object with string {', '.join(strings)}" if strings else "an object"
+        die(f"{path} is damaged (its \"config\" is not {kind}); {fix}")
+    return config
 
 
 def read_json(path, fix="delete it and run again"):

@@ -13,10 +13,12 @@ Python code run in between), so our numbers compare with the paper's.
 Benchmarks: data/<bench>/test.jsonl (the toolkit's files, downloaded once). Writes out/eval/<tag>/
 <bench>.jsonl (a graded row per problem), summary.json and run.json (what made the rows), and the
 pages out/eval/report.html and out/eval/<bench>.html. Kill it at any moment and run it again: graded
-problems are kept. Like the toolkit it runs the model's Python (in another process, 5 s and 4 GiB at
-most): --no-code-exec.
+problems are kept. Like the toolkit it runs the model's Python: in another process, 5 s and 4 GiB at
+most, in a box (Linux namespaces: no network, no secrets, read-only files but its scratch dir);
+--no-code-exec, --unboxed.
 """
 import contextlib
+import ctypes
 import glob
 import hashlib
 import json
@@ -36,8 +38,8 @@ from tqdm import tqdm
 
 from common import (StepBar, append_jsonl, barrier, check_record, complete_lines, die, download, esc, greedy_config, init_distributed,
                     load_model, load_tokenizer, lock_dir, make_dir, master, merge_parts, page, parse_flags, pick_dtype,
-                    read_bytes, read_json, read_jsonl, stop_token_ids, sum_over_ranks, write_json, write_page, RANK,
-                    WORLD_SIZE)
+                    read_bytes, read_config, read_json, read_jsonl, stop_token_ids, sum_over_ranks, write_json,
+                    write_page, RANK, WORLD_SIZE)
 
 # -----------------------------------------------------------------------------
 # configuration: the defaults reproduce the paper's evaluation
@@ -49,6 +51,7 @@ limit = ""  # evaluate only the first N problems of each benchmark ("" = all)
 max_new_tokens = 2048  # new tokens per call of the model (toolkit: 2048 per call, up to 4 calls)
 batch_size = 0  # prompts generated together (per process); 0 = 64 on a GPU, 16 on the CPU
 no_code_exec = False  # do not run the model's Python blocks (toolkit: runs them, up to 4 rounds)
+unboxed = False  # run them without the box, under a guard only, where the kernel cannot box them (README)
 grade_timeout = 3.0  # seconds one answer comparison may take before it counts as wrong (toolkit: 3)
 data_dir = "data"  # benchmark files: <data_dir>/<bench>/test.jsonl
 out_dir = "out"
@@ -65,6 +68,8 @@ STOP_WORDS = ["</s>", "<|im_end|>", "<|endoftext|>"]  # where the toolkit cuts a
 MAX_ROUNDS = 4  # the toolkit's max_func_call for this prompt: calls of the model, code run in between
 CODE_TIMEOUT = 5  # seconds a program may run (the toolkit's PythonExecutor: 5)
 CODE_MEMORY = 4 << 30  # bytes of address space a program may take (the toolkit sets no limit)
+CODE_ENV = dict(PATH="/usr/bin:/bin", LANG="C.UTF-8", OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")  # all it gets
+code_box = "box"  # how the model's code is shut in: "box" or "guard" (--unboxed), see run_program
 
 # -----------------------------------------------------------------------------
 # questions and ground truths, per benchmark, as the toolkit reads them (parser.py)
@@ -176,21 +181,153 @@ def extract_program(text):
 # The child process: the toolkit's executor, quirks included. With "print(" in the last line the whole
 # program runs and its stdout is the result, else the last line's value is; globals start empty;
 # "input(" is refused; an error reports the last line of its traceback; result and report are
-# stripped and cut to 200 + "..." + 200 characters; the result counts, else the report.
+# stripped and cut to 200 + "..." + 200 characters; the result counts, else the report. Before the
+# program runs, the child shuts itself in: in the box (Linux namespaces), else under the guard.
 CHILD = r"""
-import contextlib, io, json, os, pickle, resource, signal, sys, traceback
-for limit, size in ((resource.RLIMIT_AS, int(sys.argv[2])), (resource.RLIMIT_FSIZE, 16 << 20), (resource.RLIMIT_CORE, 0)):
+import contextlib, ctypes, errno, io, json, os, pickle, re, resource, select, signal, sys, traceback
+timeout, memory, scratch, mode = float(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+parent, hide, libc = int(sys.argv[5]), sys.argv[6:], ctypes.CDLL(None, use_errno=True)
+NOSUID, NODEV, NOEXEC, NOBODY, go = 2, 4, 8, 65534, []  # mount flags (= statvfs's); nobody's uid and gid
+def check(ret, what):  # a libc call that failed: its errno as an OSError
+    if ret != 0:
+        raise OSError(ctypes.get_errno(), f"{what}: {os.strerror(ctypes.get_errno())}")
+if sys.platform == "linux":  # PR_SET_PDEATHSIG: killed when evaluate.py ends, even by kill -9
+    check(libc.prctl(1, signal.SIGKILL), "prctl")
+    if os.getppid() != parent:  # it ended before that line
+        os._exit(1)
+code = sys.stdin.buffer.read().decode("utf-8", "replace").strip().split("\n")
+out, null, sys.dont_write_bytecode = io.StringIO(), open(os.devnull, "w"), True
+keep = {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix, *sys.path)}
+keep = [p for p in keep if os.path.isdir(p) and not any(p.startswith(k + "/") for k in keep)]  # Python's
+
+def mount(src, dst, kind=None, flags=0, data=None):
+    enc = lambda s: s and s.encode()
+    check(libc.mount(enc(src), enc(dst), enc(kind), ctypes.c_ulong(flags), enc(data)), f"mount {dst}")
+def read_only(path, flags):  # MS_REMOUNT | MS_BIND | MS_RDONLY, with the flags a namespace may not drop
+    mount(None, path, None, 32 | 4096 | 1 | flags)
+def new_user_namespace(kinds, ids=None):  # CLONE_NEWUSER and `kinds`; we keep our ids, or get `ids`
+    uid, gid, pid = os.geteuid(), os.getegid(), os.getpid()
+    helper = os.fork() if ids else 0  # still root on the host, it writes maps of more ids than our own
+    if helper == 0 and ids:
+        os.close(go[1])  # so that it reads end of file if we die first
+        with contextlib.suppress(OSError):
+            os.read(go[0], 1)
+            for name in "uid_map", "gid_map":
+                with open(f"/proc/{pid}/{name}", "w") as f:
+                    f.write(ids)
+            os._exit(0)
+        os._exit(1)
+    failed = libc.unshare(0x10000000 | kinds)
+    if ids:
+        os.write(go[1], b"x")
+        if os.waitpid(helper, 0)[1] != 0 and not failed:
+            raise OSError(errno.EPERM, "cannot map the box's user ids")
+    check(failed, "unshare")
+    if ids:
+        return
+    for name, text in ("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"), ("gid_map", f"{gid} {gid} 1"):
+        with open(f"/proc/self/{name}", "w") as f:
+            f.write(text)
+def enter_box():
+    root, go[:] = os.geteuid() == 0, os.pipe()  # root passes RLIMIT_NPROC: the program runs as nobody
+    ids = f"0 0 1\n{NOBODY} {NOBODY} 1" if root else None
+    new_user_namespace(0x20000 | 0x40000000 | 0x20000000 | 0x08000000, ids)  # mount, net, PID, IPC
+    mount(None, "/", None, 0x4000 | 0x40000)  # MS_REC | MS_PRIVATE: nothing we mount reaches the host
+    fds = [(p, os.open(p, os.O_PATH)) for p in keep]  # opened while they can be: shown again below
+    with open("/proc/self/mountinfo") as f:  # fields 5 and 6: mount point (octal escapes), options
+        mounts = [line.split()[4:6] for line in f]
+    for point, options in mounts:  # every file system read-only (a point under another: out of reach)
+        flags = sum(bit for bit, word in ((NOSUID, "nosuid"), (NODEV, "nodev"), (NOEXEC, "noexec"))
+                    if word in options.split(","))
+        with contextlib.suppress(FileNotFoundError):
+            read_only(re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), point), flags)
+    hidden = []
+    for path in sorted(set(hide)):  # home, /tmp, the run's data and out dirs...: an empty directory
+        if os.path.isdir(path):  # (not one inside a directory hidden already)
+            mount("tmpfs", path, "tmpfs", NOSUID | NODEV, "size=64k,mode=755")
+            hidden.append(path)
+    for path, fd in fds:
+        if not os.path.isdir(path):  # it was under a hidden directory: shown again, read-only
+            os.makedirs(path)
+            mount(f"/proc/self/fd/{fd}", path, None, 0x1000 | 0x4000)  # MS_BIND | MS_REC
+            read_only(path, os.statvfs(path).f_flag & (NOSUID | NODEV | NOEXEC))
+        os.close(fd)
+    os.makedirs(scratch, exist_ok=True)
+    owner = NOBODY if root else 0
+    mount("tmpfs", scratch, "tmpfs", NOSUID | NODEV, f"size=64m,mode=700,uid={owner},gid={owner}")
+    for path in hidden:  # the scratch dir is the one writable place
+        read_only(path, NOSUID | NODEV)
+    os.chdir(scratch)
+    alive, pid = os.pipe(), os.fork()  # the waiter holds the pipe's write end until it dies
+    if pid:  # outside the new PID namespace: waits for the program (PID 1 in it), whose end ends all in it
+        status = os.waitpid(pid, 0)[1]
+        if os.WIFSIGNALED(status):  # die as it died: evaluate.py reads the same exit code
+            with contextlib.suppress(OSError, ValueError):
+                signal.signal(os.WTERMSIG(status), signal.SIG_DFL)
+            os.kill(os.getpid(), os.WTERMSIG(status))
+        os._exit(os.waitstatus_to_exitcode(status))
+    os.close(alive[1])
+    os.setsid()  # its own process group: kill(0, ...) reaches no one outside
+    try:
+        mount("proc", "/proc", "proc", NOSUID | NODEV | NOEXEC)  # this namespace's processes only
+    except OSError:
+        mount("tmpfs", "/proc", "tmpfs", NOSUID | NODEV | NOEXEC | 1, "size=4k")  # or none at all
+    if root:
+        os.setgroups([])
+        os.setgid(NOBODY)
+        os.setuid(NOBODY)
+        libc.prctl(4, 1)  # PR_SET_DUMPABLE, which setuid cleared: /proc/self/uid_map is ours again
+    new_user_namespace(0x20000)  # a namespace inside ours: every mount above is locked for good
+    read_only("/proc", NOSUID | NODEV | NOEXEC)
+    check(libc.prctl(1, signal.SIGKILL), "prctl")  # dies with its waiter (setuid cleared it too)
+    if select.select([alive[0]], [], [], 0)[0]:  # end of file: the waiter died before that line
+        os._exit(1)
+
+def guard():  # no box: audit hooks refuse what Python can do to the machine (C code passes them)
+    real = lambda p: os.path.realpath(os.fsdecode(p)) + "/"
+    under = lambda p, dirs: not isinstance(p, int) and any(real(p).startswith(d + "/") for d in dirs)
+    inside = lambda p: isinstance(p, int) or under(p, [scratch])
+    other_process = lambda p: re.match(r"/proc/\d+/", real(p)) and not under(p, [f"/proc/{os.getpid()}"])
+    private = lambda p: not isinstance(p, int) and (under(p, hide) or other_process(p)) and not under(
+        p, [scratch, *keep])  # what the box hides, and other processes' environment
+    write = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+    changes = {"os.remove", "os.rmdir", "os.mkdir", "os.rename", "os.link", "os.chmod", "os.chown",
+               "os.utime", "os.truncate", "os.mkfifo", "os.mknod", "shutil.rmtree"}
+    refused = {"os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.fork", "os.forkpty", "os.kill",
+               "os.killpg", "signal.pthread_kill", "resource.setrlimit", "resource.prlimit", "pty.spawn"}
+    def hook(event, args):
+        paths = [p for p in args if isinstance(p, (str, bytes, os.PathLike))]
+        if (event in refused or event.split(".")[0] in ("socket", "ctypes", "subprocess")
+                or event == "open" and (private(args[0]) or args[2] & write and not inside(args[0]))
+                or event in ("os.listdir", "os.scandir") and args[0] is not None and private(args[0])
+                or event in changes and not all(map(inside, paths))
+                or event == "os.symlink" and not inside(args[1])):
+            raise PermissionError(f"{event} is refused: the program runs under a guard (--unboxed)")
+    sys.addaudithook(hook)
+    import _posixsubprocess  # subprocess's fork and exec, which raise no event of their own
+    _posixsubprocess.fork_exec = lambda *_: hook("os.exec", ())
+    globals().pop("libc")  # and our own libc, whose functions are looked up already
+
+if mode == "box":
+    try:
+        enter_box()
+    except (OSError, AttributeError) as e:  # AttributeError: no unshare, mount, O_PATH (not Linux)
+        os.write(1, ("\n" + json.dumps(f"no box: {e}") + "\n").encode())
+        os._exit(0)  # the reason, as its output (the first program of a run: evaluate.py stops)
+limits = [(resource.RLIMIT_AS, memory), (resource.RLIMIT_FSIZE, 16 << 20), (resource.RLIMIT_CORE, 0)]
+for limit, size in limits + [(resource.RLIMIT_NPROC, 1)] * (mode == "box"):  # box: one process
     resource.setrlimit(limit, (size, size))
+if mode == "guard":
+    guard()
 class Alarm(AssertionError): pass  # as the toolkit's timeout_decorator error
 def ring(*_): raise Alarm()
-code, out = sys.stdin.read().strip().split("\n"), io.StringIO()
 body = code if "print(" in code[-1] else code[:-1]
 signal.signal(signal.SIGALRM, ring)
-signal.setitimer(signal.ITIMER_REAL, float(sys.argv[1]))
+signal.setitimer(signal.ITIMER_REAL, timeout)
 try:
     if "input(" in "\n".join(body):
         raise RuntimeError()
-    with contextlib.redirect_stdout(out if body is code else open(os.devnull, "w")):
+    with contextlib.redirect_stdout(out if body is code else null):
         exec("\n".join(body), g := {})
         result = out.getvalue() if body is code else eval(code[-1], g)
     text, report = str(result), "Done"
@@ -206,28 +343,88 @@ os.write(1, ("\n" + json.dumps(cut(text.strip()) or cut(report.strip())) + "\n")
 
 
 def run_program(program):
-    """The text the toolkit appends after running `program` (see CHILD). It runs in a new Python process
-    in an empty temporary directory, never in ours: CODE_TIMEOUT seconds, CODE_MEMORY bytes, 16 MiB of
-    output. A program stuck in C code past its alarm is killed ("Timeout Error", as the toolkit's
-    process pool says); one that crashes gets a line saying so."""
-    with tempfile.TemporaryDirectory() as tmp, open(os.path.join(tmp, ".result"), "w+b") as out:
-        proc = subprocess.Popen([sys.executable, "-c", CHILD, str(CODE_TIMEOUT), str(CODE_MEMORY)], cwd=tmp,
-                                stdin=subprocess.PIPE, stdout=out, stderr=subprocess.DEVNULL, start_new_session=True,
-                                env=dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1"))
-        try:
-            proc.communicate(program.encode("utf-8", "replace"), timeout=CODE_TIMEOUT + 1)
-        except subprocess.TimeoutExpired:
-            return "Timeout Error"
-        finally:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.pid, signal.SIGKILL)  # the program's own children too
-            proc.wait()
-        out.seek(max(0, out.seek(0, 2) - 8192))
-        last = out.read().decode("utf-8", "replace").rstrip("\n").rsplit("\n", 1)[-1]
-    with contextlib.suppress(ValueError):
-        if proc.returncode == 0 and isinstance(json.loads(last), str):
-            return json.loads(last)
+    """The text the toolkit appends after running `program` (see CHILD). It runs in a new Python
+    process, never in ours: CODE_TIMEOUT seconds, CODE_MEMORY bytes, 16 MiB per file, CODE_ENV for
+    an environment, a scratch directory for HOME and working directory. In the box (code_box "box":
+    Linux namespaces) it is one process, as nobody where we are root, with no network, every file
+    system read-only but its scratch dir, home dirs, /tmp and the run's data and out dirs hidden, and
+    nothing of it outlives it; under the guard ("guard", --unboxed) Python's audit hooks refuse what
+    they can (README, Errors and safety). A program stuck past its alarm is killed ("Timeout Error",
+    as the toolkit's process pool says); one that crashes gets a line saying so. Whatever it leaves
+    in its scratch dir is removed, with no error reaching us."""
+    scratch = tempfile.mkdtemp(prefix="evaluate-code-")
+    hide = {os.path.expanduser("~"), tempfile.gettempdir(), os.path.abspath(data_dir), os.path.abspath(out_dir),
+            "/root", "/home", "/tmp", "/var/tmp", "/run", "/dev/shm", "/mnt", "/media"} - {"/"}
+    command = [sys.executable, "-c", CHILD, str(CODE_TIMEOUT), str(CODE_MEMORY), scratch, code_box,
+               str(os.getpid()), *sorted(hide)]
+    try:
+        with tempfile.TemporaryFile() as out:
+            proc = subprocess.Popen(command, cwd=scratch, stdin=subprocess.PIPE, stdout=out, start_new_session=True,
+                                    stderr=subprocess.DEVNULL, env=dict(CODE_ENV, HOME=scratch, TMPDIR=scratch))
+            try:
+                proc.communicate(program.encode("utf-8", "replace"), timeout=CODE_TIMEOUT + 1)
+            except subprocess.TimeoutExpired:  # stuck, or stopped (SIGSTOP): our own deadline
+                return "Timeout Error"
+            finally:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(proc.pid, signal.SIGKILL)  # its own children too (the box's die with it)
+                proc.wait()
+            out.seek(max(0, out.seek(0, 2) - 8192))
+            last = out.read().decode("utf-8", "replace").rstrip("\n").rsplit("\n", 1)[-1]
+    finally:
+        remove_tree(scratch)
+    with contextlib.suppress(ValueError, RecursionError):
+        if proc.returncode == 0 and isinstance(text := json.loads(last), str):
+            text = text.strip()  # cut here too: a program can write a line of its own and exit
+            return text[:200] + "..." + text[-200:] if len(text) > 400 else text
     return f"RuntimeError: the program ended without a result (exit code {proc.returncode})"
+
+
+def remove_tree(path):
+    """rm -rf, whatever a program made of its scratch dir (a link in its place, a tree deeper than the
+    recursion limit or PATH_MAX): one directory open at a time, by descriptor; what will not go stays."""
+    with contextlib.suppress(OSError):
+        os.unlink(path)  # a link or a file in its place
+    names, flags, fd = [], os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, None
+    with contextlib.suppress(OSError):
+        fd = os.open(path, flags)
+        while True:
+            entry = next(iter(os.listdir(fd)), None)
+            if entry is not None:
+                try:
+                    child = os.open(entry, flags, dir_fd=fd)
+                except OSError:  # not a directory
+                    os.unlink(entry, dir_fd=fd)
+                    continue
+                os.close(fd)
+                fd, names = child, names + [entry]
+            elif names:  # an emptied directory: up, and remove it
+                up = os.open("..", flags, dir_fd=fd)
+                os.close(fd)
+                fd = up
+                os.rmdir(names.pop(), dir_fd=fd)
+            else:
+                break
+    if fd is not None:
+        os.close(fd)
+    with contextlib.suppress(OSError):
+        os.rmdir(path)
+
+
+def choose_code_box():
+    """Once, before a run executes code: the box, tried on "print(1)"; where it cannot be made, one
+    line and exit 2, unless --unboxed (then the guard, said in one line)."""
+    global code_box
+    code_box = "guard" if unboxed else "box"
+    if unboxed and master:
+        print("warning: --unboxed: the model's code gets a clean environment, a scratch HOME and working "
+              "dir, time, memory and file-size limits, and a guard in Python that refuses subprocess, exec, "
+              "fork, signals, sockets, ctypes, writes outside its scratch dir and reads of home, /tmp and the "
+              "run's dirs; NOT enforced: what C code (a compiled extension) does, and any way around Python's "
+              "own calls", file=sys.stderr, flush=True)
+    elif not unboxed and (why := run_program("print(1)")) != "1":
+        die(f"cannot box the model's code here ({why}); pass --unboxed to run it under a guard only "
+            "(README: Errors and safety), or --no-code-exec")
 
 
 # -----------------------------------------------------------------------------
@@ -715,10 +912,14 @@ class MathReader:
 # on a pathological expression; a megabyte of digits is slow in any regular expression)
 
 
-def grade_worker(conn):
+def grade_worker(conn, parent_end, parent):
     """Grades jobs until None. The answer goes first, so that a comparison that runs out of time
-    still shows it. An error counts as wrong (the toolkit's pool would stop the whole run)."""
-    while (job := conn.recv()) is not None:
+    still shows it. An error counts as wrong (the toolkit's pool would stop the whole run). It never
+    outlives evaluate.py: killed when it ends (Linux), else it ends at recv(), the parent's end closed here."""
+    parent_end.close()
+    if sys.platform == "linux":
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: even in the middle of a comparison
+    while os.getppid() == parent and (job := conn.recv()) is not None:  # a parent gone before prctl: stop
         completion, gt, name = job
         pred = correct = None
         with contextlib.suppress(Exception):
@@ -741,8 +942,10 @@ class Grader:
 
     def start(self):
         self.conn, child = multiprocessing.Pipe()
-        self.worker = multiprocessing.get_context("fork").Process(target=grade_worker, args=(child,), daemon=True)
+        self.worker = multiprocessing.get_context("fork").Process(target=grade_worker, daemon=True,
+                                                                  args=(child, self.conn, os.getpid()))
         self.worker.start()
+        child.close()  # the worker's end, ours no longer: a worker that dies reads as EOF at once
 
     def grade(self, completion, gt, name):
         self.conn.send((completion, gt, name))
@@ -937,10 +1140,10 @@ def efficiency_html(eval_dir):
 def check_flags():
     """The benchmarks of --bench, once every flag makes sense (else one line, exit 2)."""
     names = BENCHMARKS if bench == "all" else [b.strip() for b in bench.split(",") if b.strip()]
-    for b in names:
+    for b in names or [bench]:
         if b not in BENCHMARKS:
             die(f"unknown benchmark {b!r}; choose from {', '.join(BENCHMARKS)} (a comma list) or all")
-    if limit != "" and not (limit.isdigit() and int(limit) >= 1):
+    if limit != "" and not (re.fullmatch("[0-9]+", limit) and int(limit) >= 1):  # not "²", which isdigit() takes
         die(f"--limit {limit} must be a whole number ≥ 1 (leave it out to evaluate every problem)")
     if max_new_tokens < 1 or batch_size < 0 or grade_timeout <= 0:
         die("--max-new-tokens must be ≥ 1, --batch-size ≥ 0 (0: sized for the device), --grade-timeout > 0")
@@ -973,8 +1176,9 @@ def model_runs(names, cut, dev):
     """The base model (--model, else the expert of sample.py's run) and, with an adapter (--adapter, else
     out/lora when train.py wrote it), the base model with the adapter merged in: the same jobs for both."""
     config_path, default_adapter = os.path.join(out_dir, "sample_config.json"), os.path.join(out_dir, "lora")
-    base = model or (read_json(config_path).get("config", {}).get("expert") if os.path.exists(config_path) else None) \
-        or "Qwen/Qwen2.5-Math-1.5B"
+    base = model or (read_config(config_path, "it is sample.py's record of the expert; restore it from that run, or "
+                                 "pass --model", strings=("expert",)).get("expert") if os.path.exists(config_path)
+                     else None) or "Qwen/Qwen2.5-Math-1.5B"
     adapter_dir = None if adapter == "none" else adapter or (default_adapter if os.path.isdir(default_adapter) else None)
     if adapter_dir is not None and not os.path.isfile(os.path.join(adapter_dir, "adapter_config.json")):
         die(f"{adapter_dir} is not a peft adapter (no adapter_config.json); pass the directory train.py "
@@ -982,12 +1186,13 @@ def model_runs(names, cut, dev):
     where = lambda p: os.path.abspath(p) if os.path.isdir(p) else p  # noqa: E731 (a local directory, or a hub id)
     record = dict(model=where(base), adapter=None, dtype=str(pick_dtype(dtype, dev)), max_new_tokens=max_new_tokens,
                   code_exec=not no_code_exec, prompt=PROMPT)
-    runs = [(os.path.basename(os.path.normpath(base)), None, record)]
+    name = lambda p: os.path.basename(os.path.abspath(p) if os.path.isdir(p) else p.rstrip("/"))  # noqa: E731 (".")
+    runs = [(name(base), None, record)]
     if adapter_dir:
-        name, run_dir = os.path.basename(os.path.normpath(adapter_dir)), os.path.dirname(os.path.abspath(adapter_dir))
-        if name == "lora" and run_dir != os.path.abspath(out_dir):  # another run's (out_sft/lora): named after it
-            name = os.path.basename(run_dir)
-        tag = f"{runs[0][0]}+{name}"
+        run_dir, label = os.path.dirname(os.path.abspath(adapter_dir)), name(adapter_dir)
+        if label == "lora" and run_dir != os.path.abspath(out_dir):  # another run's (out_sft/lora): named after it
+            label = os.path.basename(run_dir)
+        tag = f"{runs[0][0]}+{label}"
         runs.append((tag, adapter_dir, dict(record, adapter=where(adapter_dir))))
     return runs, {name: load_benchmark(name, data_dir)[1][:cut] for name in names}
 
@@ -1008,6 +1213,8 @@ if __name__ == "__main__":
     names = check_flags()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # we fork grading workers; keep tokenizers quiet
     grader = Grader(grade_timeout)  # forks its worker now, before anything touches CUDA
+    if not no_code_exec and not completions:
+        choose_code_box()
     dev = init_distributed(device)
     batch_size = batch_size or (64 if dev.startswith("cuda") else 16)
     t_start, cut = time.time(), int(limit) if limit else None

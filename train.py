@@ -44,8 +44,8 @@ from tqdm import tqdm
 
 from common import (RANK, WORLD_SIZE, append_jsonl, barrier, chat_prompt_ids, chat_prompt_text, complete_lines,
                     device_name, die, differing, esc, init_distributed, load_model, load_tokenizer, lock_dir, make_dir,
-                    master, page, parse_flags, pick_device, pick_dtype, read_json, read_jsonl, sum_over_ranks,
-                    write_json, write_jsonl, write_page)
+                    master, page, parse_flags, pick_device, pick_dtype, read_config, read_jsonl,
+                    sum_over_ranks, write_json, write_jsonl, write_page)
 
 # -----------------------------------------------------------------------------
 # configuration: the defaults reproduce the paper (its reference script's Trainer settings)
@@ -99,8 +99,9 @@ def read_samples(path, label="contrast"):
             die(f"{path}:{n}: needs \"{fields[0]}\" and \"{fields[1]}\" like the lines before it; fix or remove that line")
         if not is_ids(ids) or not ids or not isinstance(w, list) or len(w) != len(ids):
             die(f"{path}:{n}: \"token_ids\" must be a non-empty list of token ids (ints ≥ 0) and \"weights\" a list as long")
-        if not is_probs(w, len(ids)):
-            die(f"{path}:{n}: weights must be finite and ≥ 0 (a soft label v_C is a distribution)")
+        if not is_probs(w, len(ids)) or len(set(ids)) < len(ids):  # a repeated id would count its weight twice
+            die(f"{path}:{n}: weights must be finite, ≥ 0 and ≤ 1, over distinct token ids (a soft label v_C is a "
+                "distribution)")
         if abs(sum(w) - 1) > 1e-3:
             die(f"{path}:{n}: weights sum to {sum(w):.6f}, not 1 (within 1e-3); v_C must be a distribution")
         if label != "contrast" and not (is_probs(p, len(ids)) and sum(p) > 0):  # π_E(a) for a in V, from sample.py
@@ -125,8 +126,8 @@ def target(v_C, p_expert, label):
 
 
 def is_probs(x, n):
-    return isinstance(x, list) and len(x) == n and all(
-        isinstance(a, (int, float)) and not isinstance(a, bool) and math.isfinite(a) and a >= 0 for a in x)
+    return isinstance(x, list) and len(x) == n and all(  # ≤ 1 with float rounding; also no nan, inf, 10**400
+        isinstance(a, (int, float)) and not isinstance(a, bool) and 0 <= a <= 1 + 1e-3 for a in x)
 
 
 def is_ids(x):
@@ -343,8 +344,9 @@ def read_run_samples():
     answers = read_answers(path)  # the SFT baseline's whole answers, or None
     records, official = (answers, False) if answers is not None else read_samples(path, label)
     config = os.path.join(os.path.dirname(path), "sample_config.json")
-    sampled = {} if official or not os.path.exists(config) else read_json(
-        config, fix="it is stage 1's record of the expert and system prompt; restore it from that run").get("config", {})
+    sampled = {} if official or not os.path.exists(config) else read_config(
+        config, fix="it is stage 1's record of the expert and system prompt; restore it from that run",
+        strings=("expert", "system_prompt"))
     name = expert or sampled.get("expert") or "Qwen/Qwen2.5-Math-1.5B"
     if sampled.get("expert") and not same_model(name, sampled["expert"]) and not force:
         die(f"--expert {name} is not {sampled['expert']}, the expert these samples were drawn with; LightReasoner "
@@ -365,8 +367,8 @@ def prepare_out_dir(run_config):
         die(f"{out_dir} already holds a training run (train_config.json, lora/ or checkpoints/); "
             "pass --resume to continue it, or a fresh --out-dir")
     if resume and os.path.exists(config_path):
-        old = read_json(config_path, fix="delete it to resume with the flags of this command (they must be the "
-                                         "run's own), or pass a fresh --out-dir").get("config", {})
+        old = read_config(config_path, fix="delete it to resume with the flags of this command (they must be the "
+                                           "run's own), or pass a fresh --out-dir")
         if diff := differing(old, run_config):
             die(f"{out_dir} holds a training run with another configuration ({', '.join(diff)} differ); "
                 "run with the same flags to resume, or pass a fresh --out-dir")
@@ -550,6 +552,10 @@ if __name__ == "__main__":
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1 - s / max_steps))  # linear to 0
     autocast = torch.autocast(dev.split(":")[0], dtype=torch_dtype, enabled=torch_dtype != torch.float32)
     inputs = [input_ids(tok, r, system_prompt, official) for r in records]
+    context = getattr(model.config, "max_position_embeddings", None) or 1 << 30
+    if long := next((r for r, x in zip(records, inputs) if len(x) > context), None):  # positions it never learnt
+        die(f"{samples}:{long['line']}: the prompt and prefix are longer than the expert's context ({context} tokens); "
+            "remove that line, or sample with a shorter --max-new-tokens")
     targets_V = [(r["token_ids"], r["target"]) for r in records]  # v_C (or the --label ablation) over V
     sizes = [len(r["prefix_ids"]) for r in records] if sft else None  # SFT: every answer token is a target
     if sft:  # its targets: where each answer starts, after the prompt; its loss: cross-entropy (answer_nll)

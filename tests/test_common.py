@@ -152,6 +152,17 @@ def test_a_damaged_line_inside_our_own_file_names_file_and_line(tmp_path, capsys
     assert e.value.code == 2 and "rollouts.jsonl:2" in capsys.readouterr().err
 
 
+def test_a_file_name_that_is_not_utf8_ends_in_one_line_and_leaves_no_temporary_file(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(sys, "argv", ["x", "--completions", os.fsdecode(b"vllm\xff.jsonl")])
+    with pytest.raises(SystemExit) as e:
+        common.parse_flags({"completions": ""}, "doc")
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "--completions b'vllm\\xff.jsonl' is not UTF-8" in err
+    with pytest.raises(UnicodeEncodeError):
+        common.write_json(str(tmp_path / "run.json"), {"completions": os.fsdecode(b"vllm\xff.jsonl")})
+    assert os.listdir(tmp_path) == []
+
+
 # -----------------------------------------------------------------------------
 # one run per output directory
 

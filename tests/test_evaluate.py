@@ -272,10 +272,31 @@ def test_a_real_run_exits_2_without_traceback():
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and proc.stderr.startswith("error:")
 
 
-@pytest.mark.parametrize("limit", ["0", "-3", "abc"])
+@pytest.mark.parametrize("limit", ["0", "-3", "abc", "²"])  # isdigit() takes "²", int() does not
 def test_limit_below_one_is_refused(limit, capsys, monkeypatch):
     code, err = run_inprocess(["--bench", "gsm8k", "--limit", limit], capsys, monkeypatch)
     assert code == 2 and "--limit" in err
+
+
+def test_a_bench_list_with_no_name_is_refused_before_any_model_loads(capsys, monkeypatch):
+    code, err = run_inprocess(["--bench", ","], capsys, monkeypatch)
+    assert code == 2 and err.count("\n") == 1 and "unknown benchmark ','" in err
+
+
+@pytest.mark.parametrize("config", [{"config": []}, {"config": {"expert": 5}}])
+def test_a_sample_config_of_the_wrong_shape_ends_in_one_line(config, tmp_path, capsys, monkeypatch):
+    (tmp_path / "sample_config.json").write_text(json.dumps(config))
+    code, err = run_inprocess(["--bench", "gsm8k", "--out-dir", tmp_path, "--data-dir", EVAL_DATA], capsys, monkeypatch)
+    assert code == 2 and err.count("\n") == 1 and f"{tmp_path / 'sample_config.json'} is damaged" in err
+
+
+def test_a_local_model_gets_its_directory_name_as_tag(tmp_path, monkeypatch):
+    os.makedirs(tmp_path / "merged")
+    monkeypatch.chdir(tmp_path / "merged")
+    for name, value in dict(model=".", adapter="none", data_dir=EVAL_DATA, dtype="auto").items():
+        monkeypatch.setattr(E, name, value)
+    runs, _ = E.model_runs(["gsm8k"], None, "cpu")
+    assert [tag for tag, _, _ in runs] == ["merged"]  # not ".": its rows would land in out/eval itself
 
 
 def test_missing_benchmark_file_offline_names_the_path(tmp_path, capsys, monkeypatch):

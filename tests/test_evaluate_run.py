@@ -4,12 +4,19 @@ the one grading/writing path (resume, several processes), the merged adapter, an
 user can make ending in one line. The grader is tested in test_evaluate.py, the pages in
 test_evaluate_page.py.
 """
+import contextlib
 import html.parser
+import importlib.util
 import json
+import multiprocessing
 import os
 import runpy
 import shutil
+import socket
 import sys
+import sysconfig
+import tempfile
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -275,6 +282,152 @@ def test_a_program_that_hangs_crashes_or_floods_costs_one_answer(monkeypatch):
     assert E.run_program("import os\nwhile True: os.write(1, b'x' * 65536)\nprint(1)").startswith("RuntimeError: the program ended")
     assert E.run_program("while True: print('x' * 10**8)") == "MemoryError"
     assert E.run_program("open('f', 'w').write('x')\nprint(1)") == "1" and not os.path.exists("f")  # in a temporary dir
+
+
+# -----------------------------------------------------------------------------
+# the code box: what a program may not do, in the box (Linux namespaces) and under the guard (--unboxed)
+
+LINUX = pytest.mark.skipif(sys.platform != "linux", reason="the box needs Linux user namespaces")
+
+
+def leftovers(mark):
+    """Live processes (anywhere on the machine) that named themselves `mark`, or "pid N"'s."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError):
+            stat = open(f"/proc/{pid}/stat").read()
+            found += [pid] if (f"({mark})" in stat or mark == f"pid {pid}") and ") Z " not in stat else []
+    return found
+
+
+NAME = "import ctypes, os\nctypes.CDLL(None).prctl(15, b'MARK')\n"  # PR_SET_NAME: findable in /proc
+ATTACKS = {  # program -> what a refused attack gives (the box's error, or the guard's PermissionError)
+    "secret": ("import os\nprint(os.environ.get('HF_TOKEN'), [p for p in os.listdir('/proc') if p.isdigit() and "
+               "b'hf_' in open(f'/proc/{p}/environ', 'rb').read()])", ("None []", "PermissionError")),
+    "home": ("print(open('TOKEN').read())", ("FileNotFoundError", "PermissionError")),
+    "write": ("open('OUTSIDE', 'w').write('x')\nprint(1)", ("OSError: [Errno 30]", "PermissionError")),
+    "pth": ("import site\nopen(site.getsitepackages()[0] + '/box_escape.pth', 'w').write('import os')\nprint(1)",
+            ("OSError: [Errno 30]", "PermissionError")),
+    "socket": ("import socket\nsocket.create_connection(('127.0.0.1', PORT), timeout=1)\nprint(1)",
+               ("OSError: [Errno 101] Network is unreachable", "PermissionError")),
+    "subprocess": ("import subprocess\nprint(subprocess.run(['id'], capture_output=True).stdout)",
+                   ("BlockingIOError", "PermissionError")),
+    "orphan": ("import os, time\nif os.fork() == 0:\n    os.setsid()\n    " + NAME.replace("\n", "\n    ") +
+               "time.sleep(30)\nprint(1)", ("BlockingIOError", "PermissionError")),
+    "bomb": (NAME + "while True:\n    os.fork()\nprint(1)", ("BlockingIOError", "PermissionError")),
+    "stop": ("import os, signal\nos.kill(os.getppid(), signal.SIGSTOP)\nprint(1)",
+             ("1", "PermissionError")),
+    "deaf": (NAME + "import signal\nsignal.signal(signal.SIGALRM, signal.SIG_IGN)\nwhile True:\n    pass\nprint(1)",
+             ("Timeout Error", "PermissionError")),
+}
+
+
+@LINUX
+@pytest.mark.parametrize("mode", ["box", "guard"])
+@pytest.mark.parametrize("attack", list(ATTACKS))
+def test_each_attack_of_a_program_is_refused(attack, mode, tmp_path, monkeypatch):
+    monkeypatch.setattr(E, "code_box", mode)
+    monkeypatch.setattr(E, "CODE_TIMEOUT", 1)
+    monkeypatch.setenv("HF_TOKEN", "hf_secret")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    token = tmp_path / "home" / ".cache" / "huggingface" / "token"
+    token.parent.mkdir(parents=True)
+    token.write_text("hf_secret")
+    outside, mark = os.path.join(ROOT, f"box_escape_{os.getpid()}"), f"box{os.getpid() % 10 ** 6}{attack[:4]}"
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0)
+    program, refused = ATTACKS[attack]
+    t0 = time.time()
+    try:
+        for word, value in dict(TOKEN=token, OUTSIDE=outside, PORT=listener.getsockname()[1], MARK=mark).items():
+            program = program.replace(word, str(value))
+        text = E.run_program(program)
+        assert text.startswith(refused[mode == "guard"]), text
+        deadline = time.time() + 2  # a program killed from outside takes a moment to go
+        while leftovers(mark) and time.time() < deadline:
+            time.sleep(0.05)
+        assert "hf_secret" not in text and not os.path.exists(outside) and not leftovers(mark)
+        assert not os.path.exists(os.path.join(sysconfig.get_paths()["purelib"], "box_escape.pth"))
+        with pytest.raises(BlockingIOError):
+            listener.accept()  # nobody came
+        assert time.time() - t0 < E.CODE_TIMEOUT + 1.5  # stopped or stuck: ended by our own deadline
+    finally:
+        listener.close()
+        with contextlib.suppress(OSError):
+            os.remove(outside)
+
+
+@LINUX
+@pytest.mark.parametrize("mode", ["box", "guard"])
+def test_ordinary_programs_run_alike_in_the_box_and_under_the_guard(mode, monkeypatch):
+    monkeypatch.setattr(E, "code_box", mode)
+    programs = {"from sympy import factorint, Rational\nprint(factorint(360), Rational(3, 6))":
+                "{2: 3, 3: 2, 5: 1} 1/2",
+                "from fractions import Fraction\nimport math, itertools\nsum(Fraction(1, math.comb(4, k)) for k in "
+                "range(5)) + len(list(itertools.permutations('abc')))": "26/3",
+                "import numpy as np\nprint(np.linalg.det(np.eye(3) * 2))": "7.999999999999998",
+                "import os\nopen('f', 'w').write('x')\nprint(open(os.path.expanduser('~/f')).read())": "x",
+                "1 / 0": "ZeroDivisionError: division by zero"}
+    if importlib.util.find_spec("numpy") is None:
+        programs = {p: r for p, r in programs.items() if "numpy" not in p}
+    assert {p: E.run_program(p) for p in programs} == programs
+
+
+@LINUX
+def test_a_program_that_wrecks_its_scratch_dir_or_forges_its_result_changes_nothing(monkeypatch, tmp_path):
+    monkeypatch.setattr(E, "code_box", "guard")  # in the box the scratch dir is a tmpfs of its own
+    link = ("import os, shutil\nhome = os.getcwd()\nos.chdir('/')\nshutil.rmtree(home)\nos.symlink('/', home)\n"
+            "print(home)")
+    home = E.run_program(link)
+    assert home.startswith(tempfile.gettempdir()) and not os.path.lexists(home)
+    fd = os.open(tmp_path, os.O_RDONLY)
+    for _ in range(1100):  # deeper than the recursion limit and PATH_MAX (4,400 characters)
+        os.mkdir("ddd", dir_fd=fd)
+        fd, old = os.open("ddd", os.O_RDONLY, dir_fd=fd), fd
+        os.close(old)
+    os.symlink("/", "up", dir_fd=fd)
+    os.close(fd)
+    E.remove_tree(str(tmp_path / "ddd"))
+    assert os.listdir(tmp_path) == []
+    forged = "import os\nos.write(1, b'\\n\"' + b'x' * 7000 + b'\"\\n')\nos._exit(0)"
+    assert E.run_program(forged) == "x" * 200 + "..." + "x" * 200
+
+
+def test_without_a_box_the_run_stops_in_one_line_or_says_what_the_guard_holds(monkeypatch, capsys):
+    monkeypatch.setattr(E, "run_program", lambda program: "no box: [Errno 1] unshare: Operation not permitted")
+    with pytest.raises(SystemExit) as e:
+        E.choose_code_box()
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "unshare: Operation not permitted" in err
+    assert "--unboxed" in err and "--no-code-exec" in err
+    monkeypatch.setattr(E, "unboxed", True)
+    E.choose_code_box()
+    err = capsys.readouterr().err
+    assert E.code_box == "guard" and err.count("\n") == 1 and "NOT enforced" in err
+
+
+@LINUX
+def test_a_killed_evaluate_leaves_no_grading_worker_and_no_lock(tmp_path):
+    """As kill -9 of evaluate.py mid-grading: the worker (one re-forked after a timeout, as in the issue)
+    dies with it, and the out dir's lock is free at once for the rerun."""
+    def evaluate(conn):
+        common.lock_dir(str(tmp_path), "evaluate")
+        grader = E.Grader(0.2)
+        grader.grade("\\boxed{10^{10^{10}}}", "1", "gsm8k")  # runs out of time: a new worker is forked
+        conn.send(grader.worker.pid)
+        grader.grade("\\boxed{10^{10^{10}}}", "1", "gsm8k")
+    ours, theirs = multiprocessing.Pipe()
+    run = multiprocessing.get_context("fork").Process(target=evaluate, args=(theirs,))
+    run.start()
+    worker = ours.recv()
+    run.kill()
+    run.join()
+    deadline = time.time() + 3
+    while leftovers(f"pid {worker}") and time.time() < deadline:
+        time.sleep(0.05)
+    assert time.time() < deadline, "the grading worker outlived its evaluate.py"
+    common.lock_dir(str(tmp_path), "evaluate")  # the rerun's lock: not held by any orphan
+    common.release_locks()
 
 
 # -----------------------------------------------------------------------------

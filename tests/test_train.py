@@ -315,6 +315,8 @@ GOOD = {"question": "q", "prefix_ids": [5], "token_ids": [3, 4], "weights": [0.7
     (json.dumps(dict(GOOD, weights=[1.0])), "a list as long"),
     (json.dumps(dict(GOOD, token_ids=[3, -4])), "ints ≥ 0"),
     (json.dumps({k: v for k, v in GOOD.items() if k != "prefix_ids"}), "prefix_ids"),
+    (json.dumps(dict(GOOD, weights=[10 ** 400, 0])), "≤ 1"),  # no OverflowError from a 401-digit weight
+    (json.dumps(dict(GOOD, token_ids=[3, 3], weights=[0.5, 0.5])), "distinct token ids"),  # else a KL below 0
 ])
 def test_bad_record_is_named_by_file_and_line(tmp_path, capsys, line, message):
     path = tmp_path / "samples.jsonl"
@@ -427,6 +429,30 @@ def test_damaged_train_config_on_resume_ends_in_one_line(samples, tmp_path, caps
     err = dies(capsys, "--samples", os.path.join(samples, "samples.jsonl"), "--out-dir", tmp_path, "--resume")
     assert err == f"error: {tmp_path / 'train_config.json'} is damaged (not valid JSON); delete it to resume with " \
                   "the flags of this command (they must be the run's own), or pass a fresh --out-dir"
+
+
+@pytest.mark.parametrize("config", [{"config": []}, {"config": {"expert": 5}}, {"config": {"system_prompt": 7}}])
+def test_a_sample_config_of_the_wrong_shape_ends_in_one_line(config, tmp_path, capsys):
+    (tmp_path / "samples.jsonl").write_text(json.dumps(GOOD) + "\n")
+    (tmp_path / "sample_config.json").write_text(json.dumps(config))
+    err = dies(capsys, "--samples", tmp_path / "samples.jsonl", "--out-dir", tmp_path / "o")
+    assert err.startswith(f"error: {tmp_path / 'sample_config.json'} is damaged") and err.count("\n") == 0
+
+
+def test_a_train_config_of_the_wrong_shape_on_resume_ends_in_one_line(samples, tmp_path, capsys):
+    (tmp_path / "train_config.json").write_text('{"config": []}')
+    err = dies(capsys, "--samples", os.path.join(samples, "samples.jsonl"), "--out-dir", tmp_path, "--resume")
+    assert err.startswith(f"error: {tmp_path / 'train_config.json'} is damaged (its \"config\" is not an object")
+
+
+def test_a_prefix_longer_than_the_context_is_refused(tiny_models, tmp_path, capsys):
+    from transformers import AutoConfig
+    context = AutoConfig.from_pretrained(tiny_models["expert"]).max_position_embeddings
+    long = dict(GOOD, prefix_ids=[5] * context)  # with the chat prompt, past the last position it has
+    (tmp_path / "samples.jsonl").write_text(json.dumps(GOOD) + "\n" + json.dumps(long) + "\n")
+    err = dies(capsys, "--samples", tmp_path / "samples.jsonl", "--out-dir", tmp_path / "o",
+               "--expert", tiny_models["expert"])
+    assert f"samples.jsonl:2: the prompt and prefix are longer than the expert's context ({context} tokens)" in err
 
 
 def test_a_failed_first_step_leaves_no_run_behind(samples, tmp_path, capsys):
