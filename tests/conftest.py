@@ -91,11 +91,11 @@ def tiny_models(tmp_path_factory):
     return paths
 
 
-def run_script(script, *args, cwd=None, check=True):
+def run_script(script, *args, cwd=None, check=True, timeout=600):
     """Run one of the stage scripts as a user would; return the CompletedProcess."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     proc = subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)],
-                          cwd=cwd or ROOT, env=env, capture_output=True, text=True, timeout=600)
+                          cwd=cwd or ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return proc
