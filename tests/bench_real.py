@@ -150,8 +150,10 @@ elif __name__ == "__main__":
           f"({100 * totals['kept_fraction']:.1f}%), KL mean {totals['mean_kl']:.3f}, "
           f"median {totals['median_kl']:.4f}")
     t, t_wall, t_mem = child("train", out)
-    print(f"train:    {t_wall:6.0f} s in all, peak {t_mem:.1f} GiB; {args.steps} steps x 4 records in "
-          f"{t['wall_s']:.0f} s = {4 * args.steps / t['wall_s']:.2f} records/s (loading included)")
+    trained = json.load(open(os.path.join(out, "train_config.json")))["totals"]
+    print(f"train:    {t_wall:6.0f} s in all, peak {t_mem:.1f} GiB, loading {t['wall_s'] - trained['wall_time_s']:.0f} s; "
+          f"{args.steps} steps x 4 records in {trained['wall_time_s']:.0f} s = "
+          f"{4 * args.steps / trained['wall_time_s']:.3f} records/s")
     p, _, _ = child("packing", out)
     one, packed = p["one record per forward"], p["packed"]
     same = abs(packed["loss"] - one["loss"]) <= 1e-3 * max(1.0, abs(one["loss"]))

@@ -6,8 +6,8 @@ fails on the random ones the other tests use. CI does not run it: it needs real 
     LR_EXPERT=Qwen/Qwen2.5-Math-1.5B LR_AMATEUR=Qwen/Qwen2.5-0.5B python -m pytest -q -rs tests/test_real_models.py
 
 LR_EXPERT / LR_AMATEUR name a hub id or a model directory (without both, every test here is skipped
-and -rs prints why). Sizes, from the environment (defaults: about 25 minutes on 2 CPU cores for a
-1.5B/0.5B pair in float32, a minute or two on a GPU): LR_QUESTIONS GSM8K train questions (4) ×
+and -rs prints why). Sizes, from the environment (defaults: 18 minutes on one thread of a CPU for a
+1.5B/0.5B pair in float32): LR_QUESTIONS GSM8K train questions (4) ×
 LR_TOKENS rollout tokens (64), LR_STEPS training steps (4), the first LR_EVAL GSM8K test problems (6,
 at most 6: the fixture's) with up to LR_EVAL_TOKENS new tokens (320). The three stages run once, as
 a user runs them, into one work directory; each test reads what they wrote.
@@ -33,9 +33,10 @@ pytestmark = pytest.mark.skipif(not (EXPERT and AMATEUR),
 QUESTIONS, TOKENS = int(os.environ.get("LR_QUESTIONS", 4)), int(os.environ.get("LR_TOKENS", 64))
 STEPS, N_EVAL = int(os.environ.get("LR_STEPS", 4)), int(os.environ.get("LR_EVAL", 6))
 EVAL_TOKENS = int(os.environ.get("LR_EVAL_TOKENS", 320))
-# Base accuracy on the first GSM8K test problems must be at least this. Measured: Qwen2.5-Coder-1.5B-
-# Instruct gets 5 of the first 6 (and 27 of the first 32); a random model gets none.
-FLOOR = 1 / 3
+# Base accuracy on the first GSM8K test problems must be at least this fraction. Measured with the
+# defaults: Qwen2.5-Coder-1.5B-Instruct gets 2 of the first 6 right (3 of the 6 run past 320 tokens and
+# are cut off); a random model gets none.
+FLOOR = 0.3
 
 
 def numbers(text):
@@ -47,7 +48,7 @@ def run(tmp_path_factory):
     """sample.py, train.py and evaluate.py (base and tuned) on the real pair, into one directory."""
     work = tmp_path_factory.mktemp("real")
     shutil.copytree(os.path.join(DATA, "eval", "gsm8k"), work / "data" / "gsm8k")
-    hours = 3 * 3600  # real models on a CPU take their time (the sizes above: about 25 minutes in all)
+    hours = 3 * 3600  # real models on a CPU take their time (the sizes above: 18 minutes in all)
     run_script("sample.py", "--expert", EXPERT, "--amateur", AMATEUR, "--data", GSM8K_FIXTURE,
                "--max-questions", QUESTIONS, "--max-new-tokens", TOKENS, cwd=work, timeout=hours)
     run_script("train.py", "--max-steps", STEPS, "--batch-size", 4, "--grad-accum", 1, "--save-every", STEPS,
@@ -65,9 +66,12 @@ def read(path):
 def test_rollouts_are_text_that_restates_the_questions_numbers(run):
     rollouts = read(str(run / "out" / "rollouts.jsonl"))
     assert len(rollouts) == QUESTIONS
-    for r in rollouts:  # a real model starts by restating the question; a random one emits gibberish
-        assert numbers(r["question"]) & numbers(r["completion"]), r["completion"]
-        assert len(re.findall(r"[A-Za-z]+", r["completion"])) >= TOKENS // 4, r["completion"]
+    for r in rollouts:  # a real model restates the question in words; a random one emits gibberish
+        words = lambda text: {w.lower() for w in re.findall(r"[A-Za-z]{4,}", text)}  # noqa: E731
+        assert len(words(r["question"]) & words(r["completion"])) >= 3, r["completion"]
+    # and its numbers, soon (Qwen2.5-Coder-1.5B-Instruct: 3 of the first 4 within 64 tokens; one plans first)
+    restated = [bool(numbers(r["question"]) & numbers(r["completion"])) for r in rollouts]
+    assert sum(restated) >= len(rollouts) / 2, restated
 
 
 def test_kl_is_finite_and_the_kept_fraction_lies_strictly_between_0_and_1(run):
@@ -99,7 +103,7 @@ def test_base_accuracy_on_the_first_gsm8k_test_problems_is_clearly_above_zero(ru
     tags = sorted(os.listdir(run / "out" / "eval"))
     base = next(t for t in tags if os.path.isdir(run / "out" / "eval" / t) and "+" not in t)
     summary = json.loads(read(str(run / "out" / "eval" / base / "summary.json")))["gsm8k"]
-    assert summary["n"] == min(N_EVAL, 6) and summary["accuracy"] >= 100 * FLOOR, summary
+    assert summary["n"] == min(N_EVAL, 6) and summary["correct"] >= FLOOR * summary["n"], summary
     rows = read(str(run / "out" / "eval" / base / "gsm8k.jsonl"))
     assert all(r["completion"].strip() for r in rows) and any("boxed" in r["completion"] for r in rows)
 
