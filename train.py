@@ -173,17 +173,23 @@ def pack(inputs):
     return rows, where
 
 
+def packed_hidden(model, rows, pad_id):
+    """One forward pass over the packed rows, right-padded: the model whose lm_head reads the states
+    (its base model: LoRA layers stay in place), and the decoder's last hidden states, (R, L, H)."""
+    width = max(map(len, rows))
+    ids = torch.tensor([r + [pad_id] * (width - len(r)) for r in rows], device=model.device)  # (R, L)
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=model.device)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base, base.get_decoder()(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+
+
 def soft_label_kl(model, inputs, soft_labels, pad_id):
     """KL(v_C‖π_θ) of each record, (N,), from packed forward passes; and the tokens processed.
     inputs: token-id lists (prompt + prefix); soft_labels: (token_ids, weights) = v_C over the
     plausible set V. The lm_head runs only at the N positions read, never over (B, L, V)."""
     rows, where = pack(inputs)
     dev = model.device
-    width = max(map(len, rows))
-    ids = torch.tensor([r + [pad_id] * (width - len(r)) for r in rows], device=dev)  # (R, L), right-padded
-    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=dev)
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # LoRA layers stay in place
-    hidden = base.get_decoder()(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state  # (R, L, H)
+    base, hidden = packed_hidden(model, rows, pad_id)  # (R, L, H)
     row, col = torch.tensor(where, device=dev).T
     logits = base.get_output_embeddings()(hidden[row, col])  # (N, V_out), at each record's own position
     log_pi = logits.float().log_softmax(-1)  # log π_θ over the full output layer, float32
@@ -199,11 +205,8 @@ def answer_nll(model, inputs, starts, pad_id):
     summed over the answer tokens x_t (those from starts[i] on), (N,); and the tokens processed. Packed
     as soft_label_kl is; the lm_head runs only at the answer's positions (column t − 1 predicts token t)."""
     rows, where = pack(inputs)
-    dev, width = model.device, max(map(len, rows))
-    ids = torch.tensor([r + [pad_id] * (width - len(r)) for r in rows], device=dev)  # (R, L), right-padded
-    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=dev)
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    hidden = base.get_decoder()(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state  # (R, L, H)
+    dev = model.device
+    base, hidden = packed_hidden(model, rows, pad_id)  # (R, L, H)
     reads = [(r, t - 1, x[t], i)  # (row, column, target token, record) of every answer token
              for i, ((r, _), x, s) in enumerate(zip(where, inputs, starts)) for t in range(s, len(x))]
     row, col, target, owner = torch.tensor(reads, device=dev).T  # (T,) each
