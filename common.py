@@ -427,6 +427,16 @@ def read_config(path, fix, strings=()):
     return config
 
 
+def peek_json(path):
+    """A JSON file for a view (a page, a table): its content, or None when it is missing or damaged.
+    A view never stops a stage."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError, RecursionError):
+        return None
+
+
 def read_json(path, fix="delete it and run again"):
     """A JSON object written by write_json; a damaged one (truncated, not an object) stops the run
     with one line that says how to get past it."""

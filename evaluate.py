@@ -36,10 +36,11 @@ import sympy
 import torch
 from tqdm import tqdm
 
-from common import (StepBar, append_jsonl, barrier, check_record, complete_lines, die, download, esc, greedy_config, init_distributed,
-                    load_model, load_tokenizer, lock_dir, make_dir, master, merge_parts, page, parse_flags, pick_dtype,
-                    read_bytes, read_config, read_json, read_jsonl, stop_token_ids, sum_over_ranks, write_json,
-                    write_page, RANK, WORLD_SIZE)
+from common import (StepBar, append_jsonl, barrier, check_record, complete_lines, die, download,
+                    esc, greedy_config, init_distributed, load_model, load_tokenizer, lock_dir,
+                    make_dir, master, merge_parts, page, parse_flags, peek_json, pick_dtype,
+                    read_bytes, read_config, read_json, read_jsonl, stop_token_ids, sum_over_ranks,
+                    write_json, write_page, RANK, WORLD_SIZE)
 
 # -----------------------------------------------------------------------------
 # configuration: the defaults reproduce the paper's evaluation
@@ -1046,12 +1047,10 @@ def run_costs(adapter_path):
     records are not there or not complete (an adapter from elsewhere, a run that has not ended)."""
     try:
         run_dir = os.path.dirname(os.path.normpath(adapter_path))
-        with open(os.path.join(run_dir, "train_config.json"), encoding="utf-8") as f:
-            trained = json.load(f)
+        trained = peek_json(os.path.join(run_dir, "train_config.json"))
         where = [os.path.dirname(trained["config"]["samples"]), run_dir]
         path = next((p for p in [os.path.join(d, "sample_config.json") for d in where] if os.path.isfile(p)), "")
-        with open(path, encoding="utf-8") as f:
-            sampled = json.load(f)
+        sampled = peek_json(path)
         t, s, select = trained["totals"], sampled["totals"], sampled["config"]["select"]
         method = "SFT" if select == "sft" else "LightReasoner" if (select, trained["config"]["label"]) == (
             "kl", "contrast") else f"--select {select} --label {trained['config']['label']}"
@@ -1068,8 +1067,7 @@ def efficiency(eval_dir):
     accuracy and gain in points over the benchmarks both have, its costs, and for time, sampled problems
     and tuned tokens the ratio to the SFT run of the same base model (when one is evaluated)."""
     def load(*path):
-        with open(os.path.join(eval_dir, *path), encoding="utf-8") as f:
-            return json.load(f)
+        return peek_json(os.path.join(eval_dir, *path))
 
     def accuracy(summary, b):
         return 100 * summary[b]["correct"] / max(summary[b]["n"], 1)
@@ -1293,11 +1291,10 @@ def load_eval(eval_dir):
     """({tag: summary}, {tag: {bench: rows}}, notes) of each model directory in eval_dir with a summary."""
     summary, rows, notes = {}, {}, []
     for tag in sorted(os.listdir(eval_dir)):
-        path, s = os.path.join(eval_dir, tag, "summary.json"), None
+        path = os.path.join(eval_dir, tag, "summary.json")
         if not os.path.isfile(path):
             continue
-        with contextlib.suppress(OSError, ValueError, RecursionError), open(path, encoding="utf-8") as f:
-            s = json.load(f)
+        s = peek_json(path)
         if not (isinstance(s, dict) and all(isinstance(v, dict) and isinstance(v.get("accuracy"), (int, float))
                                             for v in s.values())):
             notes.append(f"{path} is damaged; {tag} is left out")

@@ -43,7 +43,7 @@ parser.add_argument("--stage", default="", help=argparse.SUPPRESS)  # internal: 
 args = parser.parse_args()
 
 
-def timed_generate(counts, stop_ids=None):
+def timed_generate(counts):
     """Wrap transformers' generate (every model's) to add up its seconds, and the token-steps it computed
     (rows x new columns) and the tokens it wrote (each row up to its first stop token)."""
     from transformers import GenerationMixin
