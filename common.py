@@ -8,6 +8,7 @@ Every mistake a user can make (missing file, malformed line, model that is not t
 """
 import argparse
 import atexit
+import hashlib
 import html
 import json
 import math
@@ -39,6 +40,12 @@ def die(msg, every_rank=False):
     if RANK == 0 or every_rank:
         print(f"error: {msg}", file=sys.stderr, flush=True)
     raise SystemExit(2)
+
+
+def first_line(e):
+    """What an exception says, in one line: its text's first line, else its type's name."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 # -----------------------------------------------------------------------------
@@ -93,6 +100,11 @@ def pick_device(device=None):
     if device.startswith("cuda") and not torch.cuda.is_available():
         die(f"--device {device} asked for, but no CUDA GPU is visible; use --device cpu")
     return device
+
+
+def dtype_name(torch_dtype):
+    """How a record names a dtype: "bfloat16", not "torch.bfloat16"."""
+    return str(torch_dtype).removeprefix("torch.")
 
 
 def pick_dtype(dtype, device):
@@ -207,7 +219,7 @@ def _check_model_name(name):
 
 
 def _load_error(name, e):
-    die(f"cannot load {name}: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__} "
+    die(f"cannot load {name}: {first_line(e)} "
         "(offline? download it once with hub access, or pass a local model directory)")
 
 
@@ -315,8 +327,41 @@ def position_ids(attention_mask):
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def left_pad(prompts, pad_id, device):
+    """Prompts (lists of token ids) as one batch padded on the left, so every row ends where
+    generation starts -> (ids, mask), both (B, T)."""
+    width = max(map(len, prompts))
+    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    return ids, mask
+
+
+@torch.no_grad()
+def greedy_generate(model, ids, mask, max_new_tokens, stop_ids, pad_id, suppress=(), desc="this batch"):
+    """Greedy completions of a left-padded batch -> the new token ids only, (B, T'), each row
+    padded after its stop token. `suppress`: ids the model may never pick."""
+    config = greedy_config(max_new_tokens, stop_ids, pad_id, suppress)
+    out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
+                         streamer=StepBar(max_new_tokens, desc))
+    return out[:, ids.shape[1]:]
+
+
 # -----------------------------------------------------------------------------
-# JSON lines: read with file:line errors, append safely, recover from a kill -9
+# files: written atomically, JSON lines read with file:line errors, appended safely
+
+
+def atomic_write(path, data):
+    """Write a whole file (bytes or str) so that it holds the old content or the new, never half.
+    Why it is kill-safe: the data goes to <path>.tmp, is pushed to disk (fsync), and the temporary
+    file is renamed over `path` (os.replace is atomic on POSIX). A kill -9 at any moment leaves at
+    most a stray .tmp beside an intact file; every stage writes its results through here or
+    append_jsonl, so a rerun of the same command finds only whole files."""
+    data = data.encode("utf-8") if isinstance(data, str) else data
+    with open(f"{path}.tmp", "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(f"{path}.tmp", path)
 
 
 def read_bytes(path, what):
@@ -338,7 +383,7 @@ def parse_jsonl_line(line, where):
     back out would fail later, after work was done."""
     try:
         row = json.loads(line)
-    except (ValueError, RecursionError) as e:  # malformed, a 5000-digit number, [[[[... nested too deep
+    except (ValueError, RecursionError) as e:  # malformed, a 5000-digit number, [[[[... too deep
         die(f"{where}: malformed JSON ({getattr(e, 'msg', type(e).__name__)}); fix or remove that line")
     if not isinstance(row, dict):
         die(f"{where}: expected a JSON object, got {type(row).__name__}")
@@ -346,50 +391,45 @@ def parse_jsonl_line(line, where):
         try:
             json.dumps(row, ensure_ascii=False).encode("utf-8")
         except UnicodeEncodeError:
-            die(f"{where}: holds a lone surrogate escape (like \"\\ud800\"), which is not text; fix or remove that line")
+            die(f"{where}: holds a lone surrogate escape (like \"\\ud800\"), which is not text; "
+                "fix or remove that line")
     return row
+
+
+def _jsonl_rows(data, path, not_text):
+    """The one JSONL decode loop: (line number, row) for every non-blank line of `data`."""
+    for n, line in enumerate(data.split(b"\n"), 1):
+        try:
+            line = line.decode("utf-8")
+        except UnicodeDecodeError:
+            die(f"{path}:{n}: not UTF-8 text; {not_text}")
+        if line.strip():
+            yield n, parse_jsonl_line(line, f"{path}:{n}")
 
 
 def read_jsonl(path, what="data file", with_lines=False):
     """Rows of a JSONL file (blank lines skipped); with_lines=True gives (line number, row) pairs
     so later checks can point at file:line too."""
-    rows = []
-    for n, line in enumerate(read_bytes(path, what).split(b"\n"), 1):
-        try:
-            line = line.decode("utf-8")
-        except UnicodeDecodeError:
-            die(f"{path}:{n}: not UTF-8 text; is {path} really a JSONL {what}?")
-        if line.strip():
-            row = parse_jsonl_line(line, f"{path}:{n}")
-            rows.append((n, row) if with_lines else row)
-    return rows
+    rows = _jsonl_rows(read_bytes(path, what), path, f"is {path} really a JSONL {what}?")
+    return [(n, row) if with_lines else row for n, row in rows]
 
 
 def complete_lines(path):
-    """Rows of a JSONL file we write ourselves, after cutting off a half-written last line (what a
-    kill -9 in the middle of a write leaves behind). A missing file has no rows; a damaged one
-    (edited by hand, overwritten) stops the run with its file:line."""
+    """Rows of a JSONL file we write ourselves, but for a half-written last line (what a kill -9 in
+    the middle of an append leaves): it is skipped, not cut off; the file is never changed here
+    (merge_parts rewrites it whole). A missing file has no rows; a damaged one (edited by hand)
+    stops the run with its file:line."""
     if not os.path.exists(path):
         return []
     data = read_bytes(path, "file")
     end = data.rfind(b"\n") + 1
-    if end < len(data):
-        with open(path, "r+b") as f:
-            f.truncate(end)
-    rows = []
-    for n, line in enumerate(data[:end].split(b"\n"), 1):
-        try:
-            line = line.decode("utf-8")
-        except UnicodeDecodeError:
-            die(f"{path}:{n}: not UTF-8 text; this file is damaged: delete it (or its directory) and run again")
-        if line.strip():
-            rows.append(parse_jsonl_line(line, f"{path}:{n}"))
-    return rows
+    fix = "this file is damaged: delete it (or its directory) and run again"
+    return [row for _, row in _jsonl_rows(data[:end], path, fix)]
 
 
 def append_jsonl(path, rows):
     """Append whole lines and push them to disk before returning, so a line is either all there or
-    (after complete_lines) not there at all."""
+    (to complete_lines) not there at all."""
     with open(path, "a", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
@@ -398,43 +438,11 @@ def append_jsonl(path, rows):
 
 
 def write_jsonl(path, rows):
-    """Rewrite a whole JSONL file atomically (a temporary file renamed over the old one)."""
-    with open(f"{path}.tmp", "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(f"{path}.tmp", path)
+    atomic_write(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def write_json(path, obj):
-    """Write JSON atomically: a temporary file renamed over the old one, never a half file."""
-    data = (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8")  # any error here, not half-way
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def read_config(path, fix, strings=()):
-    """The "config" object of a stage's *_config.json, its `strings` keys (where present) strings;
-    anything else stops the run with one line, as read_json does."""
-    config = read_json(path, fix).get("config", {})
-    if not isinstance(config, dict) or any(not isinstance(config.get(k, ""), str) for k in strings):
-        kind = f"an object with string {', '.join(strings)}" if strings else "an object"
-        die(f"{path} is damaged (its \"config\" is not {kind}); {fix}")
-    return config
-
-
-def peek_json(path):
-    """A JSON file for a view (a page, a table): its content, or None when it is missing or damaged.
-    A view never stops a stage."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, ValueError, RecursionError):
-        return None
+    atomic_write(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
 def read_json(path, fix="delete it and run again"):
@@ -448,6 +456,64 @@ def read_json(path, fix="delete it and run again"):
     if not isinstance(obj, dict):
         die(f"{path} is damaged (not a JSON object); {fix}")
     return obj
+
+
+def read_config(path, fix, strings=()):
+    """The "config" object of a stage's record, its `strings` keys (where present) strings;
+    anything else stops the run with one line, as read_json does."""
+    config = read_json(path, fix).get("config", {})
+    if not isinstance(config, dict) or any(not isinstance(config.get(k, ""), str) for k in strings):
+        kind = f"an object with string {', '.join(strings)}" if strings else "an object"
+        die(f"{path} is damaged (its \"config\" is not {kind}); {fix}")
+    return config
+
+
+DEFAULT_EXPERT = "Qwen/Qwen2.5-Math-1.5B"  # π_E of the paper, when no sampling run names one
+
+
+def sampled_config(run_dir, fix):
+    """The configuration sample.py recorded in run_dir/sample_config.json ({} when there is none);
+    train.py and evaluate.py take the expert and the system prompt from it."""
+    path = os.path.join(run_dir, "sample_config.json")
+    return read_config(path, fix, strings=("expert", "system_prompt")) if os.path.exists(path) else {}
+
+
+def sampled_expert(run_dir, fix="it is sample.py's record of the expert; restore it from that run"):
+    """The expert sample.py's run in run_dir sampled with, else the paper's."""
+    return sampled_config(run_dir, fix).get("expert") or DEFAULT_EXPERT
+
+
+# Views (pages, tables) read leniently: whatever they find, they never stop or change a stage.
+
+
+def peek_json(path):
+    """A JSON file for a view: its content, or None when it is missing or damaged."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError, RecursionError):
+        return None
+
+
+def peek_jsonl(path):
+    """A JSONL file for a view -> (its JSON-object rows, how many non-blank lines were not one).
+    A missing or unreadable file has no rows."""
+    try:
+        with open(path, "rb") as f:
+            lines = f.read().split(b"\n")
+    except OSError:
+        return [], 0
+    rows, damaged = [], 0
+    for line in filter(bytes.strip, lines):
+        try:
+            row = json.loads(line.decode("utf-8"))
+        except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+            row = None
+        if isinstance(row, dict):
+            rows.append(row)
+        else:
+            damaged += 1
+    return rows, damaged
 
 
 # -----------------------------------------------------------------------------
@@ -465,9 +531,7 @@ def download(url, path):
             data = r.read()
     except Exception as e:
         die(f"cannot download {url} ({e}); put the file at {path} by hand and run again")
-    with open(f"{path}.tmp", "wb") as f:
-        f.write(data)
-    os.replace(f"{path}.tmp", path)
+    atomic_write(path, data)
     return path
 
 
@@ -509,52 +573,126 @@ def page(title, body, css=""):
 
 def write_page(path, make):
     """Write the page `make()` builds, atomically. A page is a view of the JSON files: if building
-    or writing it fails, say so in one line and carry on; it never stops a stage."""
+    or writing it fails, say so in one line and carry on; it never stops a stage (not even a die()
+    inside `make`: SystemExit is caught too; only Ctrl-C passes)."""
     try:
-        text = make()
-        with open(f"{path}.tmp", "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(f"{path}.tmp", path)
+        atomic_write(path, make())
         return True
-    except Exception as e:  # noqa: BLE001 (a view must never cost the run its results)
+    except (Exception, SystemExit) as e:  # noqa: BLE001 (a view must never cost the run its results)
         print(f"warning: could not write {path} ({type(e).__name__}: {e}); the JSON files are complete",
               file=sys.stderr)
         return False
 
 
 # -----------------------------------------------------------------------------
-# resuming safely: what made a directory's files must match, and the part files of several
-# processes are merged into one
+# the run directory: one record of what made its results, one resume rule, one part-file scheme.
+# The rule, the same in every stage: rerun the same command and a stage resumes, keeping every
+# finished result and doing only what is missing; a changed setting or input stops it in one line.
+
+WEIGHTS_BYTES = 64 << 20  # files above this (a model's weights) are fingerprinted by name and size
+
+
+def fingerprint(path):
+    """What an input holds, for a run's record: "sha256:<hex>" of a file's bytes; of a directory,
+    of its files' names and bytes in name order (dot files left out), a file over WEIGHTS_BYTES
+    by its size only, so a 3 GB model is not read on every run (a LoRA adapter is hashed whole).
+    Anything else (a hub id) is its own fingerprint."""
+    if not os.path.exists(path):
+        return path
+    h = hashlib.sha256()
+    if os.path.isfile(path):
+        _hash_file(h, path)
+        return "sha256:" + h.hexdigest()
+    names = sorted(os.path.relpath(os.path.join(d, f), path) for d, _, files in os.walk(path) for f in files)
+    for name in [n for n in names if not any(p.startswith(".") for p in n.split(os.sep))]:
+        size = os.path.getsize(os.path.join(path, name))
+        h.update(f"{name}\0{size}\0".encode("utf-8", "surrogateescape"))
+        if size <= WEIGHTS_BYTES:
+            _hash_file(h, os.path.join(path, name))
+    return "sha256:" + h.hexdigest()
+
+
+def _hash_file(h, path):
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
 
 
 def differing(old, new):
-    """The keys whose values differ between two configurations (a resume needs none)."""
-    return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    """The keys whose values differ between two configurations (a resume needs none); a changed
+    input is named by its path: inputs[questions.jsonl]."""
+    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    if "inputs" in keys and isinstance(old.get("inputs"), dict) and isinstance(new.get("inputs"), dict):
+        keys.remove("inputs")
+        keys += [f"inputs[{p}]" for p in differing(old["inputs"], new["inputs"])]
+    return keys
+
+
+def start_run(out_dir, record_name, config, results, stage, **extra):
+    """Rank 0, before a stage makes its first result: make out_dir, lock it for `stage`, then
+    - no record and none of `results` (paths) there: write the record {"config": config, **extra,
+      "totals": null} now and return None (a fresh run);
+    - a record of the same config: return it (a resume: the caller keeps what is finished);
+    - another config, or results without a record: stop with one line naming what differs.
+    Other ranks return None at once (they wait for rank 0 at a barrier where the stage needs it)."""
+    if not master:
+        return None
+    make_dir(out_dir)
+    lock_dir(out_dir, stage)  # a second run on this directory stops here
+    path = os.path.join(out_dir, record_name)
+    config = json.loads(json.dumps(config))  # as it reads back: tuples are lists
+    afresh = f"delete {out_dir} or pass another --out-dir"
+    if os.path.exists(path):
+        record = read_json(path, f"{afresh} and run again")
+        old = record.get("config")
+        if not isinstance(old, dict):
+            die(f"{path} is damaged (no \"config\" object); {afresh} and run again")
+        if diff := differing(old, config):
+            die(f"{out_dir} holds a {stage} run with other settings ({', '.join(diff)} differ; see "
+                f"{path}); rerun with those settings to resume, or {afresh}")
+        return record
+    if found := [p for p in results if os.path.exists(p)]:
+        die(f"{out_dir} holds {os.path.basename(found[0])} but no {record_name} saying what made it; "
+            f"{afresh}")
+    write_json(path, dict(config=config, **extra, totals=None))
+    return None
+
+
+def finish_run(out_dir, record_name, totals, **extra):
+    """Rank 0, at the end: the record again, with the run's totals (and `extra` keys) in."""
+    path = os.path.join(out_dir, record_name)
+    record = read_json(path, f"delete {out_dir} or pass another --out-dir, and run again")
+    write_json(path, {**record, **extra, "totals": totals})
+
+
+def part_path(path):
+    """Where this process appends its rows of `path`: <path>.rank<k> under torchrun, else path."""
+    return f"{path}.rank{RANK}" if WORLD_SIZE > 1 else path
+
+
+def merge_parts(path, key, order=None):
+    """Fold every process's part file <path>.rank<k> (of this run or a killed one, any number of
+    processes) into `path`, rewritten whole in `order` of key(row) (rows of other keys after them;
+    no order: sorted by key), then remove the parts. A row found twice is kept once; a half line a
+    kill left is dropped, so this is also the repair before appending again. -> {key: row}"""
+    folder, name = os.path.dirname(path) or ".", os.path.basename(path)
+    parts = sorted(os.path.join(folder, p) for p in os.listdir(folder) if p.startswith(name + ".rank"))
+    rows = {key(r): r for p in [path] + parts for r in complete_lines(p)}
+    position = {k: n for n, k in enumerate(sorted(rows) if order is None else order)}
+    write_jsonl(path, sorted(rows.values(), key=lambda r: position.get(key(r), len(position))))
+    for p in parts:
+        os.remove(p)
+    return rows
 
 
 def check_record(path, record, outputs, fix):
-    """Files are resumed only if they were made the same way: `path` (JSON) records how. Another
-    record, or outputs (paths) without one, stop the run with one line naming what differs."""
+    """Deprecated (evaluate.py until it moves to start_run; removed at the merge)."""
     old = read_json(path, fix=fix) if os.path.exists(path) else None
     if old is not None and old != record:
         die(f"{os.path.dirname(path)} holds files made with another "
             f"{', '.join(differing(old, record))} (see {path}); {fix}")
     if old is None and outputs:
-        die(f"{os.path.dirname(path)} holds {os.path.basename(outputs[0])} but no {os.path.basename(path)} saying "
-            f"what made it; {fix}")
+        die(f"{os.path.dirname(path)} holds {os.path.basename(outputs[0])} but no "
+            f"{os.path.basename(path)} saying what made it; {fix}")
     if old is None and master:
         write_json(path, record)
-
-
-def merge_parts(path, key, order):
-    """Under torchrun each process appends its rows to its own part file <path>.rank<k>. Fold them all
-    into `path`, rewritten whole (atomically) in `order` of key(row) (rows of other keys after them),
-    then remove the parts; safe to repeat after a kill. -> {key: row}"""
-    parts = sorted(p for p in os.listdir(os.path.dirname(path) or ".") if p.startswith(os.path.basename(path) + ".rank"))
-    parts = [os.path.join(os.path.dirname(path), p) for p in parts]
-    rows = {key(r): r for p in [path] + parts for r in complete_lines(p)}
-    position = {k: n for n, k in enumerate(order)}
-    write_jsonl(path, sorted(rows.values(), key=lambda r: position.get(key(r), len(position))))
-    for p in parts:
-        os.remove(p)
-    return rows

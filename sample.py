@@ -18,11 +18,11 @@ Writes out/samples.jsonl (one line per kept position), out/rollouts.jsonl (one l
 the completion and its KL at every position), out/sample_config.json and out/rollouts.html (a page
 to look at). Kill it at any moment and run the same command again: it resumes where it stopped.
 """
+import glob
 import json
 import os
 import random
 import re
-import shutil
 import statistics
 import sys
 import time
@@ -30,11 +30,11 @@ import time
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
-from common import (RANK, WORLD_SIZE, StepBar, append_jsonl, barrier, chat_prompt_ids, complete_lines,
-                    device_name, die, differing, download, esc, greedy_config, heat, init_distributed,
-                    load_model, load_tokenizer, lock_dir, make_dir, master, page, parse_flags, pick_dtype,
-                    position_ids, read_json, read_jsonl, stop_token_ids, sum_over_ranks, write_json,
-                    write_jsonl, write_page)
+from common import (RANK, WORLD_SIZE, append_jsonl, barrier, chat_prompt_ids, complete_lines, device_name, die,
+                    download, dtype_name, esc, fingerprint, finish_run, greedy_generate, heat, init_distributed,
+                    left_pad, load_model, load_tokenizer, master, merge_parts, page, parse_flags, part_path,
+                    peek_json, peek_jsonl, pick_dtype, position_ids, read_jsonl, start_run, stop_token_ids,
+                    sum_over_ranks, write_jsonl, write_page)
 
 # -----------------------------------------------------------------------------
 # configuration: the defaults reproduce the paper
@@ -60,19 +60,6 @@ GSM8K_URL = "https://raw.githubusercontent.com/openai/grade-school-math/master/g
 
 # -----------------------------------------------------------------------------
 # the method
-
-
-@torch.no_grad()
-def greedy_generate(model, input_ids, attention_mask, max_new_tokens, stop_ids, pad_id, vocab):
-    """The expert's greedy rollouts, (B, T) token ids. The generation config is spelled out so the
-    sampling settings an instruct model ships (temperature, top-p, repetition penalty) never apply.
-    Ids past `vocab` exist only in the expert's padded output layer (a trained model never picks
-    them); they are suppressed so the amateur can read every generated token."""
-    n_out = model.get_output_embeddings().out_features
-    config = greedy_config(max_new_tokens, stop_ids, pad_id, suppress=range(vocab, n_out))
-    out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
-                         streamer=StepBar(max_new_tokens, "this batch"))
-    return out[:, input_ids.shape[1]:]
 
 
 def completion_lengths(generated, stop_ids):
@@ -157,10 +144,12 @@ def sample_batch(expert_model, amateur_model, prompts, pad_id, stop_ids, vocab, 
     """Roll out a batch of prompts (lists of token ids) with the expert and contrast it with the
     amateur. Returns, per prompt: completion ids, and at every position its KL and plausible set."""
     dev = expert_model.device
-    width = max(map(len, prompts))  # left padding: every prompt ends at column width-1
-    input_ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=dev)
-    prompt_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=dev)
-    generated = greedy_generate(expert_model, input_ids, prompt_mask, max_new_tokens, stop_ids, pad_id, vocab)
+    input_ids, prompt_mask = left_pad(prompts, pad_id, dev)  # every prompt ends at column width-1
+    width = input_ids.shape[1]
+    # Ids past `vocab` exist only in the expert's padded output layer (a trained model never picks
+    # them); they are suppressed so the amateur can read every generated token.
+    padded = range(vocab, expert_model.get_output_embeddings().out_features)
+    generated = greedy_generate(expert_model, input_ids, prompt_mask, max_new_tokens, stop_ids, pad_id, padded)
     lengths = completion_lengths(generated, stop_ids)
     if amateur_model is None:  # --select sft: the answers alone, no contrast
         return [dict(completion_ids=ids[:n].tolist()) for ids, n in zip(generated, lengths)]
@@ -219,25 +208,8 @@ def load_questions():
                                     and final_number(row["answer"].split("####")[-1]) is not None):
             die(f"{path}:{n}: --select sft checks answers against an \"answer\" field ending in \"#### <number>\" "
                 "(GSM8K's form); add one to every line")
-    return [dict(id=row["question"] if row.get("id") is None else row["id"], question=row["question"],
-                 answer=row.get("answer")) for _, row in rows][:max_questions]
-
-
-def check_out_dir(run_config):
-    """Rank 0: one run at a time in out_dir; resume a run with the same configuration, refuse to mix two."""
-    make_dir(out_dir)
-    lock_dir(out_dir, "sample")  # a second run on this directory stops here
-    config_path = os.path.join(out_dir, "sample_config.json")
-    fix = f"delete {out_dir} (or pass another --out-dir) and run again"
-    if os.path.exists(config_path):
-        old = read_json(config_path, fix).get("config")
-        if not isinstance(old, dict):
-            die(f"{config_path} is damaged (no \"config\" object); {fix}")
-        if diff := differing(old, run_config):
-            die(f"{out_dir} holds a sampling run with another configuration ({', '.join(diff)} differ); "
-                "pass a new --out-dir or delete the old one")
-    elif any(os.path.exists(os.path.join(out_dir, f)) for f in ("samples.jsonl", "rollouts.jsonl", "parts")):
-        die(f"{out_dir} holds samples without a sample_config.json; pass a new --out-dir or delete the old files")
+    return path, [dict(id=row["question"] if row.get("id") is None else row["id"], question=row["question"],
+                       answer=row.get("answer")) for _, row in rows][:max_questions]
 
 
 def compare_tokenizers(tok, tok_amateur):
@@ -259,33 +231,16 @@ def compare_tokenizers(tok, tok_amateur):
     return tokenizers
 
 
-def file_pairs(out_dir):
-    """The (samples, rollouts) files that may hold finished questions: the merged pair, then each
-    process's part files (of this run or an earlier one, with any number of processes)."""
-    parts = os.path.join(out_dir, "parts")
-    names = {n.split(".")[1] for n in os.listdir(parts) if n.endswith(".jsonl")} if os.path.isdir(parts) else set()
-    return [(os.path.join(out_dir, "samples.jsonl"), os.path.join(out_dir, "rollouts.jsonl"))] + [
-        (os.path.join(parts, f"samples.{n}.jsonl"), os.path.join(parts, f"rollouts.{n}.jsonl")) for n in sorted(names)]
-
-
-def finished_questions(run_config, tokenizers):
-    """A question is done once its rollout line is written (after its samples). Rank 0 drops samples
-    of questions a kill interrupted (they are redone), then every process reads the rest. Also returns
-    the sampling time of the earlier runs that finished (a cost the efficiency table adds up)."""
-    config_path, spent = os.path.join(out_dir, "sample_config.json"), 0.0
-    if master:
-        old = read_json(config_path) if os.path.exists(config_path) else {}
-        spent = (old.get("totals") or {}).get("sampling_time_s", old.get("spent_s", 0.0))
-        write_json(config_path, dict(config=run_config, tokenizers=tokenizers, totals=None, spent_s=spent))
-        for s_path, r_path in file_pairs(out_dir):
-            finished = {r["index"] for r in complete_lines(r_path)}
-            write_jsonl(s_path, [s for s in complete_lines(s_path) if s["index"] in finished])
-        if WORLD_SIZE > 1:
-            make_dir(os.path.join(out_dir, "parts"))
-    barrier()
-    done = {r["index"] for _, r_path in file_pairs(out_dir) for r in complete_lines(r_path)}
-    barrier()  # all have read before any appends
-    return done, spent
+def resume(record):
+    """Rank 0, when out_dir holds a run of this configuration (`record`): fold in the part files a
+    killed torchrun left (of any number of processes) and drop the samples of questions a kill cut
+    short (they are redone). Returns the sampling time of the earlier runs that ended."""
+    rollouts = merge_parts(os.path.join(out_dir, "rollouts.jsonl"), key=lambda r: r["index"])
+    samples_path = os.path.join(out_dir, "samples.jsonl")
+    samples = merge_parts(samples_path, key=lambda s: (s["index"], s.get("step", 0)))
+    if any(i not in rollouts for i, _ in samples):
+        write_jsonl(samples_path, [s for (i, _), s in sorted(samples.items()) if i in rollouts])
+    return (record.get("totals") or {}).get("sampling_time_s", 0.0)
 
 
 def save_question(paths, i, q, prompt, r, tok):
@@ -323,8 +278,7 @@ def sample_all(questions, done, tok, expert_model, amateur_model, vocab, stop_id
     """This process's batches into its files; returns the tokens generated. Batches keep fixed boundaries,
     so a resumed run, or one with several processes (batch k goes to rank k mod N), pads and rounds exactly
     like one uninterrupted process; a half-written batch is recomputed and only its missing questions written."""
-    mine = [os.path.join(out_dir, f"{f}.jsonl") if WORLD_SIZE == 1 else
-            os.path.join(out_dir, "parts", f"{f}.rank{RANK}.jsonl") for f in ("samples", "rollouts")]
+    mine = [part_path(os.path.join(out_dir, f"{f}.jsonl")) for f in ("samples", "rollouts")]
     batches = [range(s, min(s + batch_size, len(questions))) for s in range(0, len(questions), batch_size)]
     my_batches = batches[RANK::WORLD_SIZE]
     new_tokens = n_kept = kl_sum = 0  # this process, this run (the bar's postfix)
@@ -360,30 +314,15 @@ def sample_all(questions, done, tok, expert_model, amateur_model, vocab, stop_id
     return new_tokens
 
 
-def merge(out_dir, n_questions):
-    """Every file's questions, in question order, into samples.jsonl and rollouts.jsonl: byte for byte
-    what one process writes. A question found twice (a kill during a merge) is taken once."""
-    pairs = file_pairs(out_dir)
-    rollouts, samples = {}, {}
-    for samples_path, rollouts_path in pairs:
-        here = {r["index"]: r for r in complete_lines(rollouts_path) if r["index"] not in rollouts}
-        rollouts.update(here)
-        for s in complete_lines(samples_path):
-            if s["index"] in here:
-                samples.setdefault(s["index"], []).append(s)
+def write_totals(n_questions, tokenizers, new_tokens, t_start, spent, device):
+    """Rank 0: merge torchrun's part files into question order (byte for byte what one process
+    writes), then the totals over the whole run (resumed parts and all processes included), the page
+    and a one-line summary. The costs the efficiency table reads: questions sampled and kept, kept
+    positions, sampling time, device."""
+    rollouts = merge_parts(os.path.join(out_dir, "rollouts.jsonl"), key=lambda r: r["index"])
+    merge_parts(os.path.join(out_dir, "samples.jsonl"), key=lambda s: (s["index"], s.get("step", 0)))
     assert sorted(rollouts) == list(range(n_questions)), "questions missing after sampling"
-    write_jsonl(pairs[0][0], [s for i in sorted(samples) for s in samples[i]])
-    write_jsonl(pairs[0][1], [rollouts[i] for i in range(n_questions)])
-    shutil.rmtree(os.path.join(out_dir, "parts"))
-
-
-def write_totals(n_questions, run_config, tokenizers, new_tokens, t_start, spent, device):
-    """Rank 0: merge torchrun's part files (of this run or an earlier one), then the totals over the
-    whole run (resumed parts and all processes included), the page and a one-line summary. The costs
-    the efficiency table reads: questions sampled and kept, kept positions, sampling time, device."""
-    if os.path.isdir(os.path.join(out_dir, "parts")):
-        merge(out_dir, n_questions)
-    rollouts = complete_lines(os.path.join(out_dir, "rollouts.jsonl"))
+    rollouts = [rollouts[i] for i in range(n_questions)]
     kls, n_tokens = [k for r in rollouts for k in r.get("kl", [])], sum(len(r["completion_ids"]) for r in rollouts)
     kept = [r for r in rollouts if r.get("kept") or r.get("correct")]  # questions that give records
     n_kept = sum(len(r["completion_ids"] if select == "sft" else r["kept"]) for r in kept)
@@ -393,8 +332,7 @@ def write_totals(n_questions, run_config, tokenizers, new_tokens, t_start, spent
                   median_kl=statistics.median(kls) if kls else 0.0, wall_time_s=wall,
                   tokens_per_s=new_tokens / wall if wall > 0 else 0.0, processes=WORLD_SIZE, batch_size=batch_size,
                   questions_kept=len(kept), sampling_time_s=spent + wall, device=device)
-    write_json(os.path.join(out_dir, "sample_config.json"),
-               dict(config=run_config, tokenizers=tokenizers, totals=totals))
+    finish_run(out_dir, "sample_config.json", totals, tokenizers=tokenizers)
     write_page(os.path.join(out_dir, "rollouts.html"),
                lambda: answers_page(out_dir) if select == "sft" else rollouts_page(out_dir))
     what = f"{len(kept)} right answers" if select == "sft" else f"mean KL {totals['mean_kl']:.3f}"
@@ -441,9 +379,9 @@ def kl_histogram(kls, hi, beta, bins=50):
 def rollouts_page(out_dir):
     """Per question its completion token by token, shaded by KL(π_E‖π_A), kept positions outlined;
     hovering or focusing a kept token shows its plausible set V with π_E, π_A and v_C."""
-    saved = read_json(os.path.join(out_dir, "sample_config.json"))
-    rollouts = complete_lines(os.path.join(out_dir, "rollouts.jsonl"))
-    labels = {(s["index"], s["step"]): s for s in complete_lines(os.path.join(out_dir, "samples.jsonl"))}
+    saved = peek_json(os.path.join(out_dir, "sample_config.json"))
+    rollouts = peek_jsonl(os.path.join(out_dir, "rollouts.jsonl"))[0]
+    labels = {(s["index"], s["step"]): s for s in peek_jsonl(os.path.join(out_dir, "samples.jsonl"))[0]}
     beta, kls = saved["config"]["beta"], sorted(k for r in rollouts for k in r["kl"])
     hi = max(2 * beta, kls[int(0.99 * (len(kls) - 1))] if kls else 0, 1e-3)  # the colour scale saturates at hi
     level = lambda k: min(LEVELS - 1, int(k / hi * LEVELS))  # noqa: E731
@@ -475,7 +413,7 @@ def rollouts_page(out_dir):
 
 def answers_page(out_dir):
     """--select sft: per question the expert's answer, its final number and GSM8K's, kept or rejected."""
-    rollouts = complete_lines(os.path.join(out_dir, "rollouts.jsonl"))
+    rollouts = peek_jsonl(os.path.join(out_dir, "rollouts.jsonl"))[0]
     blocks = [f"<div class=q><p class=h>#{r['index']} · {'kept' if r['correct'] else 'rejected'}: ends on "
               f"{esc(r['pred'])}, GSM8K says {esc(r['answer'])}</p><p>{esc(r['question'])}</p>"
               f"<p class=c>{visible(r['completion'])}</p></div>\n" for r in rollouts]
@@ -491,30 +429,32 @@ if __name__ == "__main__":
     batch_size = batch_size or (64 if dev.startswith("cuda") else 8)  # GPU time ≈ ceil(N / batch) decode runs
     torch_dtype = pick_dtype(dtype, dev)
     torch.manual_seed(seed)
-    questions = load_questions()
+    questions_path, questions = load_questions()
 
     # ---- the output directory: one run at a time; resume a run with the same configuration
     run_config = {k: globals()[k] for k in ["expert", "amateur", "data", "max_questions", "max_new_tokens",
-                                            "alpha", "beta", "select", "system_prompt", "seed"]}
-    run_config["dtype"] = str(torch_dtype).removeprefix("torch.")
-    run_config["amateur"] = None if select == "sft" else amateur
-    if master:
-        check_out_dir(run_config)
+                                            "alpha", "beta", "select", "system_prompt", "seed", "batch_size"]}
+    run_config.update(dtype=dtype_name(torch_dtype), amateur=None if select == "sft" else amateur,
+                      inputs={questions_path: fingerprint(questions_path)})
 
     # ---- the models, compared on the ids both output layers have (Qwen pads its vocabularies to different
     # sizes); the SFT baseline (--select sft) needs no amateur
     tok = load_tokenizer(expert)
     tokenizers = None if select == "sft" else compare_tokenizers(tok, load_tokenizer(amateur))
+    results = [p for f in ("samples", "rollouts") for p in glob.glob(os.path.join(glob.escape(out_dir), f + ".jsonl*"))]
+    record = start_run(out_dir, "sample_config.json", run_config, results, "sample", tokenizers=tokenizers)
     expert_model = load_model(expert, dev, torch_dtype)
     amateur_model = None if select == "sft" else load_model(amateur, dev, torch_dtype)
     vocab = min(m.get_output_embeddings().out_features for m in (expert_model, amateur_model) if m is not None)
     stop_ids = stop_token_ids(tok, expert_model)  # the expert's own end tokens
 
     # ---- sample what is not done yet; then, over all processes (the sum waits for them), the totals
-    done, spent = finished_questions(run_config, tokenizers)
+    spent = resume(record) if record is not None else 0.0
+    barrier()  # every process reads what rank 0 merged
+    done = {r["index"] for r in complete_lines(os.path.join(out_dir, "rollouts.jsonl"))}
     t_start = time.time()
     new_tokens = sample_all(questions, done, tok, expert_model, amateur_model, vocab, stop_ids)
     new_tokens = sum_over_ranks([new_tokens], dev)[0]
     if master:
-        write_totals(len(questions), run_config, tokenizers, new_tokens, t_start, spent, device_name(dev))
+        write_totals(len(questions), tokenizers, new_tokens, t_start, spent, device_name(dev))
     barrier()  # all processes end together, after rank 0's files (one leaving early can abort Gloo's exit)

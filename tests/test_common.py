@@ -36,13 +36,15 @@ def test_read_jsonl_dies_with_file_and_line(tmp_path, capsys, content, message):
     assert e.value.code == 2 and message in capsys.readouterr().err
 
 
-def test_complete_lines_cuts_a_half_written_last_line(tmp_path):
+def test_complete_lines_skips_a_half_written_last_line_and_merge_parts_repairs_it(tmp_path):
     path = tmp_path / "d.jsonl"
     assert common.complete_lines(path) == []
     common.append_jsonl(path, [{"a": 1}, {"b": "é"}])
     with open(path, "a") as f:
         f.write('{"c": ')  # what a kill -9 in the middle of a write leaves
     assert common.complete_lines(path) == [{"a": 1}, {"b": "é"}]
+    assert path.read_text(encoding="utf-8").endswith('{"c": ')  # only viewed: the file is left as it was
+    common.merge_parts(str(path), key=lambda r: next(iter(r)))  # the stage's explicit repair on resume
     assert path.read_text(encoding="utf-8") == '{"a": 1}\n{"b": "é"}\n'
 
 
@@ -239,3 +241,103 @@ def test_torchrun_ranks_join_sum_and_only_rank_0_reports_an_error(tmp_path):
     assert proc.stdout.count("sum [3.0, 2.0]") == 2
     assert proc.stderr.startswith("error: bad input\n") and proc.stderr.count("error: bad input") == 1
     assert 'job.py", line' not in proc.stderr  # no traceback from our processes (torchrun prints its own)
+
+
+# -----------------------------------------------------------------------------
+# the run directory: fingerprints, start_run, finish_run, part files
+
+
+def test_fingerprint_follows_content_not_path_and_weights_go_by_size(tmp_path, monkeypatch):
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text('{"question": "1+1"}\n')
+    b.write_text('{"question": "1+1"}\n')
+    first = common.fingerprint(str(a))
+    assert first.startswith("sha256:") and first == common.fingerprint(str(b))  # the bytes, not the name
+    assert common.fingerprint("Qwen/Qwen2.5-0.5B") == "Qwen/Qwen2.5-0.5B"  # a hub id is its own
+    a.write_text('{"question": "1+2"}\n')  # same size, other content
+    assert common.fingerprint(str(a)) != first
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (model / "model.safetensors").write_bytes(b"x" * 100)
+    (model / ".sample.lock").write_text("123")
+    before = common.fingerprint(str(model))
+    (model / ".sample.lock").write_text("456")  # dot files are not content
+    assert common.fingerprint(str(model)) == before
+    (model / "config.json").write_text('{"a": 1}')
+    assert common.fingerprint(str(model)) != before
+    monkeypatch.setattr(common, "WEIGHTS_BYTES", 10)  # the weights are now "big": read by size only
+    big = common.fingerprint(str(model))
+    (model / "model.safetensors").write_bytes(b"y" * 100)
+    assert common.fingerprint(str(model)) == big
+    (model / "model.safetensors").write_bytes(b"y" * 101)
+    assert common.fingerprint(str(model)) != big
+
+
+def test_start_run_writes_resumes_and_refuses_a_changed_input_or_results_without_record(tmp_path, capsys):
+    data, out = tmp_path / "q.jsonl", tmp_path / "out"
+    data.write_text('{"question": "1+1"}\n')
+    config = lambda: dict(beta=0.4, inputs={str(data): common.fingerprint(str(data))})  # noqa: E731
+    results = [str(out / "samples.jsonl")]
+    try:
+        assert common.start_run(str(out), "rec.json", config(), results, "test", extra=1) is None
+        saved = json.loads((out / "rec.json").read_text())
+        assert saved == {"config": config(), "extra": 1, "totals": None}  # written before any result
+        (out / "samples.jsonl").write_text("{}\n")
+        common.release_locks()
+        assert common.start_run(str(out), "rec.json", config(), results, "test") == saved  # same: resumed
+        common.release_locks()
+        data.write_text('{"question": "1+3"}\n')  # the input's content changes, its path does not
+        with pytest.raises(SystemExit) as e:
+            common.start_run(str(out), "rec.json", config(), results, "test")
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1 and f"inputs[{data}]" in err and f"delete {out}" in err
+        common.release_locks()
+        with pytest.raises(SystemExit):
+            common.start_run(str(out), "rec.json", dict(config(), beta=0.5), results, "test")
+        assert "beta" in capsys.readouterr().err
+        common.release_locks()
+        (out / "rec.json").unlink()  # results, but nothing says what made them
+        with pytest.raises(SystemExit) as e:
+            common.start_run(str(out), "rec.json", config(), results, "test")
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and "holds samples.jsonl but no rec.json" in err and not (out / "rec.json").exists()
+        common.release_locks()
+        (out / "rec.json").write_text('{"config": ')
+        with pytest.raises(SystemExit):
+            common.start_run(str(out), "rec.json", config(), results, "test")
+        assert "rec.json is damaged" in capsys.readouterr().err
+    finally:
+        common.release_locks()
+    (out / "rec.json").write_text(json.dumps(saved))
+    common.finish_run(str(out), "rec.json", {"n": 3}, extra=2)
+    assert json.loads((out / "rec.json").read_text()) == dict(saved, extra=2, totals={"n": 3})
+
+
+def test_merge_parts_folds_every_ranks_file_in_order_once(tmp_path):
+    path = str(tmp_path / "rows.jsonl")
+    common.append_jsonl(path, [{"i": 2}])
+    common.append_jsonl(path + ".rank0", [{"i": 0}, {"i": 2}])  # question 2 twice (a kill during a merge)
+    common.append_jsonl(path + ".rank1", [{"i": 1}])
+    with open(path + ".rank1", "a") as f:
+        f.write('{"i": 3')  # a half line a kill left
+    rows = common.merge_parts(path, key=lambda r: r["i"])
+    assert sorted(rows) == [0, 1, 2] and not list(tmp_path.glob("*.rank*"))
+    assert open(path).read() == '{"i": 0}\n{"i": 1}\n{"i": 2}\n'
+
+
+def test_the_lenient_loaders_never_die_and_a_page_survives_a_die_inside(tmp_path, capsys):
+    path = tmp_path / "r.jsonl"
+    path.write_bytes(b'{"a": 1}\n[1]\n\xff\n{"b": \n\n{"c": 2}\n')
+    assert common.peek_jsonl(str(path)) == ([{"a": 1}, {"c": 2}], 3)
+    assert common.peek_jsonl(str(tmp_path / "none.jsonl")) == ([], 0)
+    before = path.read_bytes()
+    ok = common.write_page(str(tmp_path / "p.html"), lambda: common.die("a damaged file"))
+    assert ok is False and "could not write" in capsys.readouterr().err and path.read_bytes() == before
+
+
+def test_first_line_and_the_sampled_expert(tmp_path):
+    assert common.first_line(ValueError("bad\nmore")) == "bad" and common.first_line(KeyError()) == "KeyError"
+    assert common.sampled_expert(str(tmp_path)) == common.DEFAULT_EXPERT == "Qwen/Qwen2.5-Math-1.5B"
+    common.write_json(str(tmp_path / "sample_config.json"), {"config": {"expert": "me/x"}, "totals": None})
+    assert common.sampled_expert(str(tmp_path)) == "me/x"

@@ -143,8 +143,9 @@ def test_generation_is_greedy_whatever_the_models_generation_config_says(models)
     assert expert.generation_config.do_sample and expert.generation_config.repetition_penalty == 1.5
     stop = common.stop_token_ids(tok, expert)
     prompt = prompts[0]
-    got = sample.greedy_generate(expert, torch.tensor([prompt]), torch.ones(1, len(prompt), dtype=torch.long),
-                                 12, stop, tok.pad_token_id, vocab=len(tok))[0].tolist()
+    padded = range(len(tok), expert.get_output_embeddings().out_features)  # ids only the padded head has
+    ids, mask = common.left_pad([prompt], tok.pad_token_id, "cpu")
+    got = common.greedy_generate(expert, ids, mask, 12, stop, tok.pad_token_id, suppress=padded)[0].tolist()
     # The argmax of the raw logits, one token at a time, with no cache and no processors.
     seq = list(prompt)
     for _ in range(12):
@@ -251,7 +252,7 @@ def test_sample_writes_consistent_samples_rollouts_and_config(full_run, tiny_mod
     assert totals["questions"] == 12 and totals["kept_positions"] == len(samples) and totals["processes"] == 1
     assert totals["generated_tokens"] == sum(len(r["completion_ids"]) for r in rollouts)
     assert "sampled 12 questions" in proc.stdout
-    assert not os.path.exists(out / "parts")
+    assert not list(out.glob("*.rank*"))  # one process: no part files
 
 
 def test_killed_and_restarted_run_ends_identical_to_an_uninterrupted_one(full_run, tiny_models, tmp_path, capsys):
@@ -403,7 +404,7 @@ def children(pid):
 
 def questions_in_parts(d):
     n = 0
-    for p in (d / "parts").glob("rollouts.rank*.jsonl"):
+    for p in d.glob("rollouts.jsonl.rank*"):
         try:
             n += p.read_bytes().count(b"\n")
         except FileNotFoundError:  # the merge removed it
@@ -435,7 +436,7 @@ def test_torchrun_killed_midway_and_resumed_writes_the_bytes_of_one_process(full
     proc = run_torchrun("sample.py", *sample_args(tiny_models, d))  # resumed with 2 processes
     for name in ("samples.jsonl", "rollouts.jsonl"):
         assert (d / name).read_bytes() == (out / name).read_bytes(), name
-    assert not (d / "parts").exists() and proc.stdout.count("sampled 12 questions") == 1
+    assert not list(d.glob("*.rank*")) and proc.stdout.count("sampled 12 questions") == 1
     config, ref = (json.loads((x / "sample_config.json").read_text()) for x in (d, out))
     drop = ("wall_time_s", "tokens_per_s", "processes", "sampling_time_s", "device")
     assert {k: v for k, v in config["totals"].items() if k not in drop} == {
@@ -451,20 +452,19 @@ def test_a_merge_cut_short_by_a_kill_is_redone(full_run, tiny_models, tmp_path, 
     # A kill between the merge's two writes: samples.jsonl complete, rollouts.jsonl not yet, parts still there.
     out, _ = full_run
     samples, rollouts = read_lines(out / "samples.jsonl"), read_lines(out / "rollouts.jsonl")
-    (tmp_path / "parts").mkdir()
     (tmp_path / "sample_config.json").write_text((out / "sample_config.json").read_text())
     (tmp_path / "samples.jsonl").write_text("".join(samples))
     (tmp_path / "rollouts.jsonl").write_text("".join(rollouts[:3]))
     for rank in (0, 1):
         mine = [r for r in rollouts if (json.loads(r)["index"] // 2) % 2 == rank]
         keep = {json.loads(r)["index"] for r in mine}
-        (tmp_path / "parts" / f"rollouts.rank{rank}.jsonl").write_text("".join(mine))
-        (tmp_path / "parts" / f"samples.rank{rank}.jsonl").write_text(
+        (tmp_path / f"rollouts.jsonl.rank{rank}").write_text("".join(mine))
+        (tmp_path / f"samples.jsonl.rank{rank}").write_text(
             "".join(s for s in samples if json.loads(s)["index"] in keep))
     code, _, err = run_main("sample.py", sample_args(tiny_models, tmp_path), capsys)
     assert code == 0, err
     assert read_lines(tmp_path / "samples.jsonl") == samples and read_lines(tmp_path / "rollouts.jsonl") == rollouts
-    assert not (tmp_path / "parts").exists()
+    assert not list(tmp_path.glob("*.rank*"))
 
 
 # -----------------------------------------------------------------------------
