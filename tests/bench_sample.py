@@ -95,10 +95,9 @@ T = args.max_new_tokens
 
 def rollouts():
     pad = tok.pad_token_id
-    width = max(map(len, prompts))
-    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    gen = sample.greedy_generate(expert, ids, mask, T, stop, pad, vocab)
+    ids, mask = common.left_pad(prompts, pad, "cpu")
+    padded = range(vocab, expert.get_output_embeddings().out_features)
+    gen = common.greedy_generate(expert, ids, mask, T, stop, pad, suppress=padded)
     lengths = sample.completion_lengths(gen, stop)
     return [gen[b, :lengths[b]].tolist() for b in range(len(prompts))]
 
