@@ -26,6 +26,7 @@ from tqdm import tqdm
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 DEFAULT_EXPERT = "Qwen/Qwen2.5-Math-1.5B"  # π_E of the paper, when no sampling run names one
+DEFAULT_SYSTEM_PROMPT = "Please reason step by step."  # the reference's system turn
 
 
 # -----------------------------------------------------------------------------

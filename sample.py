@@ -29,16 +29,17 @@ import time
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
-from common import (RANK, WORLD_SIZE, append_jsonl, barrier, chat_prompt_ids, complete_lines,
-                    device_name, die, download, dtype_name, esc, fingerprint, finish_run,
-                    greedy_generate, heat, init_distributed, left_pad, load_model, load_tokenizer,
-                    master, merge_parts, page, parse_flags, part_path, peek_json, peek_jsonl,
-                    pick_dtype, position_ids, read_jsonl, start_run, stop_token_ids, sum_over_ranks,
-                    write_jsonl, write_page)
+from common import (DEFAULT_SYSTEM_PROMPT, RANK, WORLD_SIZE, append_jsonl, barrier, chat_prompt_ids,
+                    complete_lines, device_name, die, download, dtype_name, esc, fingerprint,
+                    finish_run, greedy_generate, heat, init_distributed, left_pad, load_model,
+                    load_tokenizer, master, merge_parts, page, parse_flags, part_path, peek_json,
+                    peek_jsonl, pick_dtype, position_ids, read_jsonl, start_run, stop_token_ids,
+                    sum_over_ranks, write_jsonl, write_page)
 
 
 # -----------------------------------------------------------------------------
 # configuration: the defaults reproduce the paper
+_before = set(globals())  # the imports (RANK, master, ...), which are no flags
 expert = "Qwen/Qwen2.5-Math-1.5B"  # π_E: the strong model that stage 2 fine-tunes
 amateur = "Qwen/Qwen2.5-0.5B"  # π_A: the weak model whose mistakes show what is special
 data = "gsm8k"  # "gsm8k" (GSM8K train, downloaded once) or a JSONL file with a "question" field
@@ -48,14 +49,14 @@ alpha = 0.2  # plausibility cut α: keep tokens with π_E(a) ≥ α·max π_E (p
 beta = 0.4  # KL threshold β: keep position t iff KL(π_E‖π_A) > β (paper: 0.4)
 select = "kl"  # positions to tune: "kl" (KL > β, the paper), "all", "random" (as many as kl, at
 # random places), or "sft" (the paper's SFT baseline: the expert's right answers, every token)
-system_prompt = "Please reason step by step."  # system turn of the chat prompt (as the reference)
+system_prompt = DEFAULT_SYSTEM_PROMPT  # system turn of the chat prompt: "Please reason step by step."
 batch_size = 0  # questions generated together; 0: 64 on a GPU, 8 on the CPU
 chunk = 16  # generated positions whose full-vocabulary distributions are held at once (memory)
 out_dir = "out"
 device = "auto"  # cuda if available, else cpu
 dtype = "auto"  # bfloat16 on cuda, float32 on cpu; distributions are always float32
 seed = 1337  # torch seed; also draws the positions of --select random
-config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, str))]
+config_keys = [k for k, v in globals().items() if k not in _before and isinstance(v, (int, float, str))]
 
 GSM8K_URL = ("https://raw.githubusercontent.com/openai/grade-school-math/master/"
              "grade_school_math/data/train.jsonl")
@@ -138,7 +139,6 @@ def sample_batch(expert_model, amateur_model, prompts, indices, pad_id, stop_ids
     results = [dict(completion_ids=ids[:n].tolist()) for ids, n in zip(generated, lengths)]
     if amateur_model is None:  # --select sft: the answers alone, no contrast
         return results
-
     # Both models read exactly the same token ids: the prompt, then the expert's own tokens.
     steps = torch.arange(generated.shape[1], device=dev)
     answer_mask = (steps[None] < torch.tensor(lengths, device=dev)[:, None]).long()

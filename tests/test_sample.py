@@ -535,6 +535,14 @@ def test_the_page_keeps_data_inert_and_is_written_with_zero_kept_positions(tiny_
 # bad input: one line, exit code 2, no traceback (run in-process to save the interpreter start-up)
 
 
+def test_the_flags_are_the_configuration_block_and_nothing_imported(capsys):
+    code, out, _ = run_main("sample.py", ["--help"], capsys)
+    flags = [w for line in out.splitlines() if line.startswith("  --") for w in line.split()[:1]]
+    assert code == 0 and flags == ["--" + k.replace("_", "-") for k in sample.config_keys]
+    assert flags[0] == "--expert" and flags[-1] == "--seed" and len(flags) == 15
+    assert not {"--RANK", "--WORLD-SIZE", "--master", "--DEFAULT-SYSTEM-PROMPT"} & set(flags)
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--alpha", 0], "--alpha"), (["--alpha", 1.5], "--alpha"), (["--beta", -0.1], "--beta"),
     (["--max-new-tokens", 0], "--max-new-tokens"), (["--batch-size", -1], "--batch-size"),
