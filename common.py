@@ -308,7 +308,7 @@ def parse_jsonl_line(line, where):
                 "fix or remove that line")
     return row
 
-def _jsonl_rows(data, path, not_text):
+def _jsonl_rows(data, path, not_text):  # the one JSONL decode loop: (line number, row)
     for n, line in enumerate(data.split(b"\n"), 1):
         try:
             line = line.decode("utf-8")
