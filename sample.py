@@ -415,11 +415,11 @@ if __name__ == "__main__":
     tokenizers = None if select == "sft" else compare_tokenizers(tok, load_tokenizer(amateur))
 
     # ---- the run's record, before the first result: every setting that changes one (a batch pads
-    # and rounds), the questions file's fingerprint; the same record resumes
+    # and rounds, a device computes), the questions file's fingerprint; the same record resumes
     run_config = {k: globals()[k] for k in ["expert", "amateur", "data", "max_questions", "max_new_tokens",
                                             "alpha", "beta", "select", "system_prompt", "seed", "batch_size"]}
     run_config.update(dtype=dtype_name(torch_dtype), amateur=None if select == "sft" else amateur,
-                      inputs={questions_path: fingerprint(questions_path)})
+                      device=dev.split(":")[0], inputs={questions_path: fingerprint(questions_path)})
     results = [p for f in ("samples", "rollouts") for p in glob.glob(glob.escape(out_dir) + f"/{f}.jsonl*")]
     record = start_run(out_dir, "sample_config.json", run_config, results, "sample", tokenizers=tokenizers)
     expert_model = load_model(expert, dev, torch_dtype)

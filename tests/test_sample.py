@@ -299,6 +299,21 @@ def test_a_run_with_another_configuration_is_refused(full_run, tiny_models, tmp_
     assert code == 2 and "select" in err
 
 
+def test_a_questions_file_with_other_content_under_the_same_path_is_refused(tiny_models, tmp_path, capsys):
+    data, out = tmp_path / "q.jsonl", tmp_path / "o"
+    data.write_text('{"question": "What is 2 + 3?"}\n{"question": "What is 4 + 4?"}\n')
+    args = sample_args(tiny_models, out, "--data", data, "--max-new-tokens", 4)
+    code, _, err = run_main("sample.py", args, capsys)
+    assert code == 0, err
+    rollouts = (out / "rollouts.jsonl").read_bytes()
+    code, out_text, err = run_main("sample.py", args, capsys)  # the same command: resumed, nothing to do
+    assert code == 0 and "sampled 2 questions" in out_text and (out / "rollouts.jsonl").read_bytes() == rollouts
+    data.write_text('{"question": "What is 2 + 3?"}\n{"question": "What is 4 + 5?"}\n')  # same path
+    code, _, err = run_main("sample.py", args, capsys)
+    assert code == 2 and f"inputs[{data}]" in err and f"delete {out} or pass another --out-dir" in err
+    assert (out / "rollouts.jsonl").read_bytes() == rollouts  # the old results are left as they were
+
+
 def test_select_random_keeps_as_many_positions_as_kl_elsewhere(full_run, tiny_models, tmp_path, capsys):
     out, _ = full_run
     code, _, err = run_main("sample.py", sample_args(tiny_models, tmp_path, "--select", "random"), capsys)
