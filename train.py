@@ -58,6 +58,7 @@ seed = 1337  # LoRA init, record shuffling and dropout
 force = False  # train even if --expert is not the model the samples were drawn with
 config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, str))]
 
+# TODO(common): move to common.py, shared with sample.py's default system_prompt
 DEFAULT_SYSTEM_PROMPT = "Please reason step by step."  # the reference's, if no sample_config.json
 
 # -----------------------------------------------------------------------------
