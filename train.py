@@ -372,8 +372,8 @@ if __name__ == "__main__":
     found, finished = None, False  # rank 0 alone reads the out dir, before the processes join: a
     if master:  # stop here ends the others quietly instead of in a broken collective
         record = start_run(out_dir, "train_config.json", run_config, [log_path, ckpt_dir, lora_dir], "train")
-        finished = bool(record) and record["totals"] is not None and os.path.isdir(lora_dir)
-        found = load_checkpoint(ckpt_dir) if record else None  # of a finished run: for --merge
+        finished = bool(record) and record.get("totals") is not None and os.path.isdir(lora_dir)
+        found = load_checkpoint(ckpt_dir) if record and (merge or not finished) else None
         if record and not finished:
             step = found[2]["step"] if found else 0
             print(f"resuming {out_dir} from {found[0]} (step {step})" if found
