@@ -1,8 +1,7 @@
 """Stage 2 (train.py) on the tiny models: the packed loss is the per-record KL(v_C‖π_θ), training
-lowers it, the adapter and the merged model reload, resume is exact (also after damage, also under
-torchrun), the --label ablations train towards their targets, bad inputs end in one line, and
-train.html shows the log."""
-import contextlib
+lowers it, the adapter and the merged model reload, a rerun resumes exactly (also after damage,
+also under torchrun) and refuses other settings or samples, the --label ablations train towards
+their targets, bad inputs end in one line, and train.html shows the log."""
 import fcntl
 import html.parser
 import json
@@ -72,11 +71,11 @@ def samples(tiny_models, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def trained(samples, tmp_path_factory):
-    """One uninterrupted training run, then `--resume --merge` on the finished run (no more steps:
-    it only writes merged/). The out dir and the globals of both runs (their in-memory models)."""
+    """One uninterrupted training run, then the same command with `--merge` on the finished run (no
+    more steps: it only writes merged/). The out dir and the globals of both runs (their models)."""
     out = str(tmp_path_factory.mktemp("trained") / "run")
     g = train_main("--samples", os.path.join(samples, "samples.jsonl"), "--out-dir", out, *STEPS)
-    g_merge = train_main("--samples", os.path.join(samples, "samples.jsonl"), "--out-dir", out, "--resume", "--merge", *STEPS)
+    g_merge = train_main("--samples", os.path.join(samples, "samples.jsonl"), "--out-dir", out, "--merge", *STEPS)
     return out, g, g_merge
 
 
@@ -250,7 +249,7 @@ def test_resume_after_a_kill_during_a_save_gives_the_same_adapter(samples, train
         f.write('{"step": 30, "di')
     with open(os.path.join(run, "train_log.jsonl"), "a") as f:
         f.write('{"step": 31, "lo')
-    train_main("--samples", os.path.join(samples, "samples.jsonl"), "--out-dir", run, "--resume", *STEPS)
+    train_main("--samples", os.path.join(samples, "samples.jsonl"), "--out-dir", run, *STEPS)
     assert same_adapter(os.path.join(run, "lora"), os.path.join(out, "lora"))
     assert len(read_log(run)) == 30 and read_log(run) == [dict(row, elapsed_s=mine["elapsed_s"], records_per_s=mine["records_per_s"])
                              for row, mine in zip(read_log(out), read_log(run))]
@@ -271,7 +270,7 @@ def test_resume_after_kill_9_gives_the_same_adapter(samples, trained, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not os.path.exists(os.path.join(run, "lora")), "the run ended before it could be killed"
-    train_main(*args, "--resume")
+    train_main(*args)  # the same command: it resumes
     assert same_adapter(os.path.join(run, "lora"), os.path.join(out, "lora"))
     assert [row["loss"] for row in read_log(run)] == [row["loss"] for row in read_log(out)]
 
@@ -327,6 +326,18 @@ def test_bad_record_is_named_by_file_and_line(tmp_path, capsys, line, message):
     assert e.value.code == 2 and f"{path}:2:" in err and message in err and err.count("\n") == 1
 
 
+def test_a_bad_sft_record_is_named_by_file_and_line(tmp_path, capsys):
+    path = tmp_path / "samples.jsonl"
+    for bad in ({"question": "q", "completion_ids": []}, {"question": "q", "completion_ids": [5, -1]}):
+        path.write_text(json.dumps({"question": "q", "completion_ids": [5, 6]}) + "\n" + json.dumps(bad) + "\n")
+        with pytest.raises(SystemExit):
+            train.read_samples(str(path))
+        err = capsys.readouterr().err
+        assert f"{path}:2: needs \"question\" and \"completion_ids\"" in err and err.count("\n") == 1
+    path.write_text(json.dumps({"question": "q", "completion_ids": [5, 6]}) + "\n")
+    assert [r["token_ids"] for r in train.read_samples(str(path))[0]] == [[5, 6]]
+
+
 def test_missing_or_empty_samples_file(tmp_path, capsys):
     assert "does not exist" in dies(capsys, "--samples", tmp_path / "nope.jsonl", "--out-dir", tmp_path / "o")
     (tmp_path / "empty.jsonl").write_text("\n")
@@ -346,7 +357,10 @@ def test_bad_flags_and_out_of_vocabulary_ids(tiny_models, samples, tmp_path, cap
     assert "--max-steps" in dies(capsys, "--samples", s, "--out-dir", tmp_path / "a", "--max-steps", 0)
     err = dies(capsys, "--samples", s, "--out-dir", tmp_path / "b", "--target-modules", "q_proj,qkv_proj")
     assert "qkv_proj not in" in err and "k_proj" in err
-    assert os.listdir(tmp_path / "b") == [".train.lock"]  # a failed start leaves nothing that blocks the corrected command
+    # a failed start leaves its record and no result; another command there is refused by name
+    assert sorted(os.listdir(tmp_path / "b")) == [".train.lock", "train_config.json"]
+    err = dies(capsys, "--samples", s, "--out-dir", tmp_path / "b")
+    assert "(target_modules differ" in err and f"delete {tmp_path / 'b'} or pass another --out-dir" in err
     bad = tmp_path / "bad" / "samples.jsonl"
     bad.parent.mkdir()
     bad.write_text(json.dumps(dict(GOOD, token_ids=[3, 416])) + "\n")
@@ -363,12 +377,40 @@ def test_other_expert_than_the_sampled_one_is_refused_unless_forced(tiny_models,
     assert json.load(open(tmp_path / "b" / "train_config.json"))["config"]["expert"] == tiny_models["amateur"]
 
 
-def test_a_finished_run_is_never_overwritten(samples, trained, capsys):
-    out = trained[0]
-    s = os.path.join(samples, "samples.jsonl")
-    assert "already holds a training run" in dies(capsys, "--samples", s, "--out-dir", out, *STEPS)
-    err = dies(capsys, "--samples", s, "--out-dir", out, "--resume", *STEPS[:-2], "--save-every", 5, "--lr", 0.5)
-    assert "another configuration (lr differ)" in err
+def files_of(out):
+    """Every file under a run directory (its lock left out) -> (size, mtime in ns)."""
+    return {os.path.relpath(os.path.join(d, f), out): (os.stat(os.path.join(d, f)).st_size,
+                                                       os.stat(os.path.join(d, f)).st_mtime_ns)
+            for d, _, names in os.walk(out) for f in names if f != ".train.lock"}
+
+
+def test_a_finished_run_rerun_says_so_rewrites_nothing_and_refuses_other_settings(samples, trained, capsys):
+    out, s = trained[0], os.path.join(samples, "samples.jsonl")
+    before = files_of(out)
+    assert "merged/model.safetensors" in before and "lora/adapter_model.safetensors" in before
+    with pytest.raises(SystemExit) as e:
+        train_main("--samples", s, "--out-dir", out, "--merge", *STEPS)
+    assert e.value.code == 0 and "holds a finished run of 30 steps: nothing to do" in capsys.readouterr().out
+    assert files_of(out) == before
+    # --save-every changes no result, so only --lr is named
+    err = dies(capsys, "--samples", s, "--out-dir", out, *STEPS[:-2], "--save-every", 5, "--lr", 0.5)
+    assert "(lr differ" in err and err.count("\n") == 0 and files_of(out) == before
+
+
+def test_a_rerun_on_changed_samples_is_refused_naming_the_file(samples, tmp_path, capsys):
+    """The record holds the samples file's fingerprint: same path, same count, other content."""
+    shutil.copytree(samples, tmp_path / "s")
+    s, out = tmp_path / "s" / "samples.jsonl", tmp_path / "run"
+    args = ["--samples", s, "--out-dir", out, "--max-steps", 1, "--batch-size", 2, "--grad-accum", 1]
+    train_main(*args, "--max-steps", 2)
+    ckpt = os.path.join(out, "checkpoints")
+    shutil.rmtree(os.path.join(ckpt, "step-000002"))  # as a kill after step 1 left it
+    shutil.rmtree(os.path.join(out, "lora"))
+    rows = s.read_text().splitlines()
+    s.write_text("\n".join([json.dumps(dict(json.loads(rows[0]), kl=9.0))] + rows[1:]) + "\n")
+    capsys.readouterr()
+    err = dies(capsys, *args, "--max-steps", 2)
+    assert f"inputs[{s}]" in err and err.count("\n") == 0 and not os.path.exists(os.path.join(out, "lora"))
 
 
 def test_bad_numbers_dtype_and_paths_end_in_one_line(samples, tmp_path, capsys):
@@ -391,7 +433,7 @@ def test_running_out_of_gpu_memory_names_the_flags_and_leaves_no_run(samples, tm
     err = dies(capsys, "--samples", os.path.join(samples, "samples.jsonl"), "--out-dir", tmp_path / "a", *STEPS)
     assert "Traceback" not in err and err.splitlines()[-1:] == ["error: out of GPU memory at step 1 with --batch-size 8; lower --batch-size and "
                                 "raise --grad-accum so that they still multiply to 16 records a step"]
-    assert not os.path.exists(tmp_path / "a" / "train_config.json")  # nothing blocks the corrected command
+    assert sorted(os.listdir(tmp_path / "a")) == [".train.lock", "train_config.json"]  # no result
 
 
 @pytest.mark.parametrize("kind, message", [("binary", "not UTF-8 text"), ("directory", "is a directory"),
@@ -424,11 +466,11 @@ def test_grad_accum_that_does_not_divide_among_processes_is_refused(samples, tmp
     assert "--grad-accum 3 does not divide among 2 processes" in err
 
 
-def test_damaged_train_config_on_resume_ends_in_one_line(samples, tmp_path, capsys):
+def test_damaged_train_config_on_a_rerun_ends_in_one_line(samples, tmp_path, capsys):
     (tmp_path / "train_config.json").write_text('{"config": {"expert": "x", "sam')
-    err = dies(capsys, "--samples", os.path.join(samples, "samples.jsonl"), "--out-dir", tmp_path, "--resume")
-    assert err == f"error: {tmp_path / 'train_config.json'} is damaged (not valid JSON); delete it to resume with " \
-                  "the flags of this command (they must be the run's own), or pass a fresh --out-dir"
+    err = dies(capsys, "--samples", os.path.join(samples, "samples.jsonl"), "--out-dir", tmp_path)
+    assert err.startswith(f"error: {tmp_path / 'train_config.json'} is damaged (not valid JSON); delete {tmp_path}")
+    assert err.count("\n") == 0
 
 
 @pytest.mark.parametrize("config", [{"config": []}, {"config": {"expert": 5}}, {"config": {"system_prompt": 7}}])
@@ -439,10 +481,10 @@ def test_a_sample_config_of_the_wrong_shape_ends_in_one_line(config, tmp_path, c
     assert err.startswith(f"error: {tmp_path / 'sample_config.json'} is damaged") and err.count("\n") == 0
 
 
-def test_a_train_config_of_the_wrong_shape_on_resume_ends_in_one_line(samples, tmp_path, capsys):
+def test_a_train_config_of_the_wrong_shape_on_a_rerun_ends_in_one_line(samples, tmp_path, capsys):
     (tmp_path / "train_config.json").write_text('{"config": []}')
-    err = dies(capsys, "--samples", os.path.join(samples, "samples.jsonl"), "--out-dir", tmp_path, "--resume")
-    assert err.startswith(f"error: {tmp_path / 'train_config.json'} is damaged (its \"config\" is not an object")
+    err = dies(capsys, "--samples", os.path.join(samples, "samples.jsonl"), "--out-dir", tmp_path)
+    assert err.startswith(f"error: {tmp_path / 'train_config.json'} is damaged") and err.count("\n") == 0
 
 
 def test_a_prefix_longer_than_the_context_is_refused(tiny_models, tmp_path, capsys):
@@ -455,14 +497,18 @@ def test_a_prefix_longer_than_the_context_is_refused(tiny_models, tmp_path, caps
     assert f"samples.jsonl:2: the prompt and prefix are longer than the expert's context ({context} tokens)" in err
 
 
-def test_a_failed_first_step_leaves_no_run_behind(samples, tmp_path, capsys):
+def test_a_failed_first_step_leaves_no_result(samples, tmp_path, capsys):
     """A non-finite loss stops training with one line. At step 1 (here: a LoRA scaling that is inf
-    in float32, so 0·inf = nan) nothing of the run is written, and the corrected command just runs."""
+    in float32, so 0·inf = nan) nothing but the run's record is written; the corrected command is
+    refused by name there (the one resume rule) and runs in a fresh directory."""
     s, out = os.path.join(samples, "samples.jsonl"), tmp_path / "run"
     err = dies(capsys, "--samples", s, "--out-dir", out, "--max-steps", 2, "--lora-alpha", 10 ** 40)
     assert err.splitlines()[-1].startswith("error: step 1: the loss is nan") and "Traceback" not in err
-    assert os.listdir(out) == [".train.lock"]
-    (out / "train.html").mkdir()  # and a page that cannot be written does not stop the run either
+    assert sorted(os.listdir(out)) == [".train.lock", "train_config.json"]  # a record, no result
+    err = dies(capsys, "--samples", s, "--out-dir", out, "--max-steps", 2, "--batch-size", 2, "--grad-accum", 1)
+    assert "(batch_size, grad_accum, lora_alpha differ" in err
+    shutil.rmtree(out)
+    (out / "train.html").mkdir(parents=True)  # and a page that cannot be written does not stop the run either
     train_main("--samples", s, "--out-dir", out, "--max-steps", 2, "--batch-size", 2, "--grad-accum", 1)
     assert "warning: could not write" in capsys.readouterr().err
     assert len(read_log(out)) == 2 and os.path.exists(out / "lora" / "adapter_model.safetensors")
@@ -487,7 +533,7 @@ def test_a_non_finite_loss_after_a_resume_saves_nothing_new(samples, trained, tm
     ckpt = cut_back(trained[0], run, 20)
     adapter = os.path.join(ckpt, "step-000020", "adapter_model.safetensors")
     save_file({k: torch.full_like(v, float("nan")) for k, v in load_file(adapter).items()}, adapter)  # a run gone bad
-    err = dies(capsys, "--samples", os.path.join(samples, "samples.jsonl"), "--out-dir", run, "--resume", *STEPS)
+    err = dies(capsys, "--samples", os.path.join(samples, "samples.jsonl"), "--out-dir", run, *STEPS)
     assert err.splitlines()[-1].startswith("error: step 21: the loss is nan") and "Traceback" not in err
     assert len(read_log(run)) == 20 and sorted(os.listdir(ckpt)) == ["latest.json", "step-000020"]
     assert json.load(open(os.path.join(ckpt, "latest.json")))["step"] == 20 and not os.path.exists(os.path.join(run, "lora"))
@@ -497,7 +543,7 @@ def test_unreadable_latest_checkpoint_falls_back_to_the_one_before(samples, trai
     run = str(tmp_path / "run")
     ckpt = cut_back(trained[0], run, 30)
     os.truncate(os.path.join(ckpt, "step-000030", "state.pt"), 300)  # a disk that filled up, a bad copy
-    train_main("--samples", os.path.join(samples, "samples.jsonl"), "--out-dir", run, "--resume", *STEPS)
+    train_main("--samples", os.path.join(samples, "samples.jsonl"), "--out-dir", run, *STEPS)
     notices = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning")]
     assert len(notices) == 1 and "step-000030 cannot be read" in notices[0] and "resuming from step-000020" in notices[0]
     assert same_adapter(os.path.join(run, "lora"), os.path.join(trained[0], "lora"))
@@ -515,7 +561,7 @@ def test_latest_json_naming_a_gone_checkpoint_and_nothing_readable(trained, tmp_
         train.load_checkpoint(ckpt)
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1 and "no readable checkpoint" in err
-    assert "step-000020 cannot be read" in err and f"delete {ckpt} to --resume from step 0" in err
+    assert "step-000020 cannot be read" in err and f"delete {ckpt} to start again from step 0" in err
 
 
 # -----------------------------------------------------------------------------
@@ -616,7 +662,7 @@ def test_torchrun_resumes_a_run_and_matches_one_process(samples, trained, tmp_pa
     run = str(tmp_path / "ddp")
     ckpt = cut_back(out, run, 20)
     os.remove(os.path.join(run, "train.html"))
-    proc = run_torchrun("train.py", "--samples", s, "--out-dir", run, "--resume", *STEPS)
+    proc = run_torchrun("train.py", "--samples", s, "--out-dir", run, *STEPS)
     assert proc.stdout.count("resuming") == proc.stdout.count("trained 30 steps (10 this run)") == 1
     assert "2 processes" in proc.stdout
     one, two = read_log(out), read_log(run)
@@ -753,8 +799,8 @@ def test_sft_packed_loss_and_gradients_equal_one_answer_per_forward(tiny_models,
 
 def test_sft_steps_shared_by_two_processes_add_up_to_one_process(tiny_models, sft_samples, monkeypatch):
     """Under torchrun each process backpropagates its micro-batches' cross-entropy divided by the whole
-    step's answer tokens / N, and DDP averages the N gradients: together, one process's step. Simulated in
-    this process (ranks 0 and 1 of 2, DDP's average taken by hand) to spare a launch."""
+    step's answer tokens / N (micro_batches gives both), and DDP averages the N gradients: together, one
+    process's step. Simulated in this process (ranks 0 and 1 of 2, DDP's average by hand) to spare a launch."""
     from peft import LoraConfig, get_peft_model
     tok, inputs, starts = answer_inputs(tiny_models, sft_samples[1])
     sizes = [len(x) - s for x, s in zip(inputs, starts)]
@@ -768,9 +814,13 @@ def test_sft_steps_shared_by_two_processes_add_up_to_one_process(tiny_models, sf
         monkeypatch.setattr(train, "RANK", rank)
         monkeypatch.setattr(train, "WORLD_SIZE", world)
         model.zero_grad()
-        loss, _, divisor = train.forward_backward(loss_fn, inputs, starts, 1, 4, contextlib.nullcontext(),
-                                                  tok.pad_token_id, sizes)
-        return loss, divisor, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        mine, per = train.micro_batches(len(inputs), 4, sizes)
+        loss = 0.0
+        for batch in mine.values():  # the loop of train.py's __main__ (DDP's mean taken by hand below)
+            nll, _ = loss_fn([inputs[i] for i in batch], [starts[i] for i in batch], tok.pad_token_id)
+            (nll.sum() / per).backward()
+            loss += nll.sum().item()
+        return loss, per * world, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     (loss, divisor, grads), (loss_0, divisor_0, grads_0), (loss_1, divisor_1, grads_1) = step(0, 1), step(0, 2), step(1, 2)
     stream = [train.epoch_order(6, 1337, p // 6)[p % 6] for p in range(4, 8)]
     assert divisor == divisor_0 == divisor_1 == sum(sizes[i] for i in stream)  # the step's answer tokens
