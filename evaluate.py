@@ -678,18 +678,18 @@ def model_runs(names, cut, dev):
 
 def open_run(tag_dir, config, benchmarks):
     """Rows resume only if made the same way (README, Resuming a run): common's run record, and
-    in it the fingerprint of each benchmark file graded against (a benchmark new to this directory
-    joins it, so that a later run may add benchmarks)."""
-    record = start_run(tag_dir, "run.json", config, glob_rows(tag_dir), "evaluate") or {}
+    beside its config the fingerprint of each benchmark file graded against (a benchmark new to
+    this directory joins them, so that a later run may add benchmarks)."""
+    files = {b: fingerprint(path) for b, (path, _) in benchmarks.items()}
+    record = start_run(tag_dir, "run.json", config, glob_rows(tag_dir), "evaluate", benchmarks=files)
+    if record is None:  # a fresh directory, its record written with these files
+        return
     graded = record.get("benchmarks") if isinstance(record.get("benchmarks"), dict) else {}
     for b, (path, _) in benchmarks.items():
-        fp = fingerprint(path)
-        if graded.get(b, fp) != fp and glob_rows(tag_dir, b):
+        if graded.get(b, files[b]) != files[b] and glob_rows(tag_dir, b):
             die(f"{tag_dir} holds {b} rows graded against another {b} file than {path} (see its "
                 f"run.json); delete {tag_dir} or pass another --out-dir")
-        graded[b] = fp
-    record_path = os.path.join(tag_dir, "run.json")
-    write_json(record_path, dict(read_json(record_path), benchmarks=graded))
+    write_json(os.path.join(tag_dir, "run.json"), dict(record, benchmarks={**graded, **files}))
 
 
 def glob_rows(tag_dir, name="*"):
@@ -1389,16 +1389,16 @@ if __name__ == "__main__":
     batch_size = batch_size or (64 if dev.startswith("cuda") else 16)
     t_start, eval_dir, cut = time.time(), os.path.join(out_dir, "eval"), int(limit) if limit else None
     runs, benchmarks = saved_runs(names[0], cut) if completions else model_runs(names, cut, dev)
+    if not completions:  # loaded first: a model that does not load leaves no record behind
+        tok = load_tokenizer(runs[0][2]["model"])
+        net = load_model(runs[0][2]["model"], dev, pick_dtype(dtype, dev))
+        stop_ids = stop_token_ids(tok, net)
     for tag, _, config in runs:  # every model's record checked before the first row is made
         if master:
             open_run(make_dir(os.path.join(eval_dir, tag)), config, benchmarks)
     barrier()
 
     # ---- generate (or take) the completions, grade them, write rows and totals, model by model
-    if not completions:
-        tok = load_tokenizer(runs[0][2]["model"])
-        net = load_model(runs[0][2]["model"], dev, pick_dtype(dtype, dev))
-        stop_ids = stop_token_ids(tok, net)
     results, n_tokens = {}, 0
     for tag, adapter_path, _ in runs:  # base, then tuned: the merge changes the weights in place
         if adapter_path:

@@ -93,6 +93,8 @@ def test_base_and_merged_adapter_rows_summary_and_table(runs):
         assert summary["gsm8k"]["grade_timeouts"] == 0
     run = json.load(open(tuned / "run.json"))["config"]
     assert run["model"] == runs.expert and run["adapter"] == str(runs.root / "one" / "lora") and run["code_exec"]
+    assert run["dtype"] == "float32" and run["grade_timeout"] == 3.0 and len(run["inputs"]) == 2  # model, adapter
+    assert json.load(open(tuned / "run.json"))["totals"] == json.load(open(tuned / "summary.json"))
     header = next(line for line in runs.one.stdout.splitlines() if line.startswith("benchmark"))
     assert "expert" in header and "expert+lora" in header and "delta" in header
     completions = lambda d: [r["completion"] for r in rows_of(d / "gsm8k.jsonl")]  # noqa: E731
@@ -626,6 +628,14 @@ def test_a_rerun_with_another_grade_timeout_or_benchmark_file_stops_in_one_line(
     assert [(r["gt"], r["correct"]) for r in rows_of(tmp_path / "eval" / "c" / "gsm8k.jsonl")] == [("19", False)]
     record = json.load(open(tmp_path / "eval" / "c" / "run.json"))
     assert record["config"]["grade_timeout"] == 3.0 and record["totals"]["gsm8k"]["n"] == 1
+
+
+def test_a_model_that_does_not_load_leaves_no_record_behind(tmp_path, capsys, monkeypatch):
+    os.makedirs(tmp_path / "expert")  # a directory, but no model in it: the corrected command must run
+    args = ["--model", tmp_path / "expert", "--bench", "gsm8k", "--data-dir", EVAL_DATA, "--adapter", "none",
+            "--no-code-exec", "--out-dir", tmp_path / "out"]
+    one_line_error(*run_inprocess(args, capsys, monkeypatch), "not a model")
+    assert not os.path.exists(tmp_path / "out" / "eval" / "expert" / "run.json")
 
 
 def test_a_later_run_may_add_a_benchmark_to_a_models_directory(tmp_path):
