@@ -596,7 +596,7 @@ def print_table(results):
     acc = lambda t, b: 100 * results[t][b]["correct"] / max(results[t][b]["n"], 1)  # noqa: E731
     rows = {b: (results[tags[0]][b]["n"], [acc(t, b) for t in tags]) for b in names}
     if len(names) > 1:
-        rows["average"] = ("", [sum(a[k] for _, a in rows.values()) / len(names) 
+        rows["average"] = ("", [sum(a[k] for _, a in rows.values()) / len(names)
                                for k in range(len(tags))])
     width, delta = max(12, *(len(t) + 2 for t in tags)), len(tags) == 2
     head = "".join(t.rjust(width) for t in tags)
