@@ -59,7 +59,7 @@ config_keys = [k for k, v in globals().items() if not k.startswith("_") and isin
 GSM8K_URL = "https://raw.githubusercontent.com/openai/grade-school-math/master/grade_school_math/data/train.jsonl"
 
 # -----------------------------------------------------------------------------
-# the method
+# the method: roll out with π_E, contrast with π_A at every position, keep the special ones
 
 
 def completion_lengths(generated, stop_ids):
@@ -72,43 +72,107 @@ def completion_lengths(generated, stop_ids):
 
 @torch.no_grad()
 def hidden_states(model, input_ids, attention_mask):
-    """One teacher-forced pass over prompt + completion: the last hidden states, (B, L, H). We stop
-    before the lm_head: full-vocabulary logits are made later, only where needed, a chunk at a time."""
-    return model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
-                               position_ids=position_ids(attention_mask), use_cache=False).last_hidden_state
+    """One teacher-forced pass over prompt + completion: the last hidden states, (B, L, H). It stops
+    before the lm_head: full-vocabulary logits are made later, where needed, a chunk at a time."""
+    out = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                              position_ids=position_ids(attention_mask), use_cache=False)
+    return out.last_hidden_state
 
 
 @torch.no_grad()
 def log_probs(model, hidden, vocab):
-    """log π over the model's full output vocabulary, then cut to the ids both models share: (B, c, H)
-    -> (B, c, vocab). The lm_head runs here in float32 (hidden.float() @ W.float().T, cheap at a chunk
-    of positions), so a bf16 model's logits are not rounded to bf16 before the softmax."""
+    """log π over the model's whole output layer, cut to the ids both models share: (B, c, H) ->
+    (B, c, vocab). The lm_head runs in float32 here (cheap at a chunk of positions), so a bf16
+    model's logits are not rounded to bf16 before the softmax."""
     head = model.get_output_embeddings()
     bias = None if getattr(head, "bias", None) is None else head.bias.float()
     return F.linear(hidden.float(), head.weight.float(), bias).log_softmax(-1)[..., :vocab]
 
 
 def contrast(logp_expert, logp_amateur, alpha):
-    """The heart of LightReasoner, on (..., V) log-probabilities. Returns the KL at each position, the
-    plausible set and the soft label v_C (zero outside the set)."""
+    """The heart of LightReasoner, on (..., V) log-probabilities. Returns the KL at each position,
+    the plausible set and the soft label v_C (zero outside the set)."""
     p_expert = logp_expert.exp()
     kl = (p_expert * (logp_expert - logp_amateur)).sum(-1)  # KL(π_E‖π_A)
     plausible = p_expert >= alpha * p_expert.max(-1, keepdim=True).values  # {a : π_E(a) ≥ α·max π_E}
     contrast_score = (logp_expert - logp_amateur).masked_fill(~plausible, float("-inf"))
-    soft_label = contrast_score.softmax(-1)  # v_C = softmax over the plausible set of log π_E − log π_A
+    soft_label = contrast_score.softmax(-1)  # v_C: softmax over the plausible set of log π_E − log π_A
     return kl, plausible, soft_label
 
 
 def select_positions(kl, select, beta, seed, index):
-    """The positions of one rollout that stage 2 tunes, from its KL at every position (a list). The paper
-    keeps t iff KL(π_E‖π_A) > β; the ablations keep every position, or as many as the paper keeps at
-    random places (drawn from --seed and the question's index: the same in every run)."""
-    special = [t for t, k in enumerate(kl) if k > beta]  # only where the expert and the amateur really differ
+    """The positions of one rollout that stage 2 tunes, from its KL at every position (a list). The
+    paper keeps t iff KL(π_E‖π_A) > β; the ablations keep every position, or as many as the paper
+    keeps at random places (drawn from --seed and the question's index: the same in every run)."""
+    special = [t for t, k in enumerate(kl) if k > beta]  # where the expert and the amateur differ
     if select == "all":
         return list(range(len(kl)))
     if select == "random":
         return sorted(random.Random(f"{seed}:{index}").sample(range(len(kl)), len(special)))
     return special
+
+
+def plausible_entries(plausible, soft_label, logp_expert, logp_amateur, t0):
+    """The plausible sets of a (B, c, V) chunk of positions t0 … t0+c−1, sparse (one nonzero for the
+    whole chunk): their (b, t, a) and their (v_C(a), π_E(a), π_A(a)), on the CPU."""
+    b, c, a = plausible.nonzero().unbind(1)
+    values = torch.stack([soft_label[b, c, a], logp_expert[b, c, a].exp(), logp_amateur[b, c, a].exp()], 1)
+    return torch.stack([b, c + t0, a], 1).cpu(), values.cpu()
+
+
+def label_positions(results, where, values):
+    """Each rollout's kept positions with their plausible set V, most contrastive first, as stage 2
+    reads it: r["labels"] = {t: dict(token_ids, weights (v_C), p_expert, p_amateur)}."""
+    kept = torch.zeros(len(results), max(len(r["kl"]) for r in results) + 1, dtype=torch.bool)
+    for b, r in enumerate(results):
+        kept[b, r["kept"]] = True
+    mine = kept[where[:, 0], where[:, 1]]  # the entries of kept positions only
+    sets = {}
+    for (b, t, a), v in zip(where[mine].tolist(), values[mine].tolist()):
+        sets.setdefault((b, t), []).append((a, *v))
+    for b, r in enumerate(results):
+        columns = (zip(*sorted(sets[b, t], key=lambda e: -e[1])) for t in r["kept"])
+        r["labels"] = {t: dict(zip(("token_ids", "weights", "p_expert", "p_amateur"), map(list, c)))
+                       for t, c in zip(r["kept"], columns)}
+    return results
+
+
+@torch.no_grad()
+def sample_batch(expert_model, amateur_model, prompts, indices, pad_id, stop_ids, vocab):
+    """Roll out a batch of prompts (lists of token ids; questions `indices`) with the expert and
+    contrast it with the amateur. Returns per prompt: the completion's ids, its KL at every
+    position, the kept positions and their labels (label_positions). Reads the configuration."""
+    dev = expert_model.device
+    input_ids, prompt_mask = left_pad(prompts, pad_id, dev)  # (B, W): every prompt ends at column W-1
+    width = input_ids.shape[1]
+    # Ids past `vocab` exist only in the expert's padded output layer (a trained model never picks
+    # them); they are suppressed so that the amateur can read every generated token.
+    padded = range(vocab, expert_model.get_output_embeddings().out_features)
+    generated = greedy_generate(expert_model, input_ids, prompt_mask, max_new_tokens, stop_ids, pad_id,
+                                padded)
+    lengths = completion_lengths(generated, stop_ids)
+    results = [dict(completion_ids=ids[:n].tolist()) for ids, n in zip(generated, lengths)]
+    if amateur_model is None:  # --select sft: the answers alone, no contrast
+        return results
+
+    # Both models read exactly the same token ids: the prompt, then the expert's own tokens.
+    steps = torch.arange(generated.shape[1], device=dev)
+    answer_mask = (steps[None] < torch.tensor(lengths, device=dev)[:, None]).long()
+    full_ids, full_mask = torch.cat([input_ids, generated], 1), torch.cat([prompt_mask, answer_mask], 1)
+    h_expert = hidden_states(expert_model, full_ids, full_mask)  # (B, L, H_E)
+    h_amateur = hidden_states(amateur_model, full_ids, full_mask)  # (B, L, H_A)
+    kl, entries = [], []
+    for t0 in range(0, max(lengths), chunk):
+        cols = slice(width - 1 + t0, width - 1 + min(t0 + chunk, max(lengths)))  # W-1+t predicts t
+        logp_E = log_probs(expert_model, h_expert[:, cols], vocab)  # (B, c, V) log π_E
+        logp_A = log_probs(amateur_model, h_amateur[:, cols], vocab)  # (B, c, V) log π_A
+        kl_chunk, plausible, soft_label = contrast(logp_E, logp_A, alpha)
+        kl.append(kl_chunk.tolist())
+        entries.append(plausible_entries(plausible, soft_label, logp_E, logp_A, t0))
+    for b, r in enumerate(results):
+        r["kl"] = [k for chunk_kl in kl for k in chunk_kl[b]][:lengths[b]]
+        r["kept"] = select_positions(r["kl"], select, beta, seed, indices[b])
+    return label_positions(results, *map(torch.cat, zip(*entries)))
 
 
 def final_number(text):
@@ -122,56 +186,9 @@ def final_number(text):
 
 
 def is_correct(completion, answer):
-    """Rejection sampling's filter: the completion's final number equals the one after GSM8K's `####`."""
+    """Rejection sampling's filter: the completion's final number is the one after GSM8K's `####`."""
     pred, truth = final_number(completion), final_number(answer.split("####")[-1])
     return pred is not None and truth is not None and abs(pred - truth) < 1e-6
-
-
-def label_positions(logp_expert, logp_amateur, alpha):
-    """Contrast (B, c, V) log-probabilities. Returns (B, c) nested lists: the KL at each position, and
-    its plausible set V as (a, v_C(a), π_E(a), π_A(a)) tuples, most contrastive first."""
-    kl, plausible, soft_label = contrast(logp_expert, logp_amateur, alpha)
-    b, c, a = plausible.nonzero().unbind(1)  # one nonzero for the whole chunk, not one per position
-    values = torch.stack([soft_label[b, c, a], logp_expert[b, c, a].exp(), logp_amateur[b, c, a].exp()], 1)
-    sets = [[[] for _ in range(kl.shape[1])] for _ in range(kl.shape[0])]
-    for bi, ci, ai, v in zip(b.tolist(), c.tolist(), a.tolist(), values.tolist()):
-        sets[bi][ci].append((ai, *v))
-    return kl.tolist(), [[sorted(s, key=lambda e: -e[1]) for s in row] for row in sets]
-
-
-@torch.no_grad()
-def sample_batch(expert_model, amateur_model, prompts, pad_id, stop_ids, vocab, max_new_tokens, alpha, chunk):
-    """Roll out a batch of prompts (lists of token ids) with the expert and contrast it with the
-    amateur. Returns, per prompt: completion ids, and at every position its KL and plausible set."""
-    dev = expert_model.device
-    input_ids, prompt_mask = left_pad(prompts, pad_id, dev)  # every prompt ends at column width-1
-    width = input_ids.shape[1]
-    # Ids past `vocab` exist only in the expert's padded output layer (a trained model never picks
-    # them); they are suppressed so the amateur can read every generated token.
-    padded = range(vocab, expert_model.get_output_embeddings().out_features)
-    generated = greedy_generate(expert_model, input_ids, prompt_mask, max_new_tokens, stop_ids, pad_id, padded)
-    lengths = completion_lengths(generated, stop_ids)
-    if amateur_model is None:  # --select sft: the answers alone, no contrast
-        return [dict(completion_ids=ids[:n].tolist()) for ids, n in zip(generated, lengths)]
-
-    # Both models see exactly the same token ids: the prompt, then the expert's own tokens.
-    steps = torch.arange(generated.shape[1], device=dev)
-    full_ids = torch.cat([input_ids, generated], 1)  # (B, L)
-    full_mask = torch.cat([prompt_mask, (steps[None] < torch.tensor(lengths, device=dev)[:, None]).long()], 1)
-    h_expert = hidden_states(expert_model, full_ids, full_mask)  # (B, L, H_E)
-    h_amateur = hidden_states(amateur_model, full_ids, full_mask)  # (B, L, H_A)
-
-    results = [dict(completion_ids=ids[:n].tolist(), kl=[], plausible=[]) for ids, n in zip(generated, lengths)]
-    for t0 in range(0, max(lengths), chunk):
-        cols = slice(width - 1 + t0, width - 1 + min(t0 + chunk, max(lengths)))  # column width-1+t predicts token t
-        logp_E = log_probs(expert_model, h_expert[:, cols], vocab)  # (B, c, V) log π_E
-        logp_A = log_probs(amateur_model, h_amateur[:, cols], vocab)  # (B, c, V) log π_A
-        kl, plausible = label_positions(logp_E, logp_A, alpha)
-        for b, r in enumerate(results):
-            n = max(0, min(chunk, lengths[b] - t0))
-            r["kl"] += kl[b][:n]
-            r["plausible"] += plausible[b][:n]
-    return results
 
 
 # -----------------------------------------------------------------------------
@@ -244,22 +261,17 @@ def resume(record):
 
 
 def save_question(paths, i, q, prompt, r, tok):
-    """Question i's kept positions, each with its plausible set V, then its rollout line (written
-    last: the mark that this question is done). Returns the kept positions."""
-    ids = r["completion_ids"]
-    kept = select_positions(r["kl"], select, beta, seed, i)
-    records = []
-    for t in kept:
-        token_ids, weights, p_expert, p_amateur = map(list, zip(*r["plausible"][t]))
-        records.append(dict(index=i, id=q["id"], question=q["question"], step=t,
-                            prefix=tok.decode(ids[:t]), prefix_ids=ids[:t], token_ids=token_ids,
-                            tokens=[tok.decode([a]) for a in token_ids], weights=weights,
-                            p_expert=p_expert, p_amateur=p_amateur, kl=r["kl"][t]))
-    append_jsonl(paths[0], records)
-    append_jsonl(paths[1], [dict(
-        index=i, id=q["id"], question=q["question"], prompt=tok.decode(prompt), completion=tok.decode(ids),
-        completion_ids=ids, tokens=[tok.decode([a]) for a in ids], kl=r["kl"], kept=kept)])
-    return kept
+    """Question i's kept positions, each a record with its plausible set V, then its rollout line
+    (written last: the mark that this question is done). Returns the kept positions."""
+    ids, decode = r["completion_ids"], lambda token_ids: [tok.decode([a]) for a in token_ids]
+    append_jsonl(paths[0], [dict(index=i, id=q["id"], question=q["question"], step=t, prefix=tok.decode(ids[:t]),
+                                 prefix_ids=ids[:t], token_ids=V["token_ids"], tokens=decode(V["token_ids"]),
+                                 weights=V["weights"], p_expert=V["p_expert"], p_amateur=V["p_amateur"],
+                                 kl=r["kl"][t]) for t, V in r["labels"].items()])
+    append_jsonl(paths[1], [dict(index=i, id=q["id"], question=q["question"], prompt=tok.decode(prompt),
+                                 completion=tok.decode(ids), completion_ids=ids, tokens=decode(ids),
+                                 kl=r["kl"], kept=r["kept"])])
+    return r["kept"]
 
 
 def save_answer(paths, i, q, prompt, r, tok, stop_ids):
@@ -289,8 +301,8 @@ def sample_all(questions, done, tok, expert_model, amateur_model, vocab, stop_id
             if all(i in done for i in batch):
                 continue
             prompts = [chat_prompt_ids(tok, questions[i]["question"], system_prompt) for i in batch]
-            results = sample_batch(expert_model, amateur_model, prompts, tok.pad_token_id, stop_ids, vocab,
-                                   max_new_tokens, alpha, chunk)
+            results = sample_batch(expert_model, amateur_model, prompts, batch, tok.pad_token_id, stop_ids,
+                                   vocab)
             for i, prompt, r in zip(batch, prompts, results):
                 if i in done:
                     continue

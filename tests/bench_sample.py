@@ -157,7 +157,8 @@ print(f"amateur side   ours: {n_ours:7d} tokens {t_ours * 1e3:8.1f} ms | per-pre
 # ---- the whole stage: ours (batched generation + two teacher-forced passes + contrast) vs the
 # reference's way (one question at a time: generate, then the per-prefix amateur passes)
 def whole_ours():
-    sample.sample_batch(expert, amateur, prompts, tok.pad_token_id, stop, vocab, T, 0.2, sample.chunk)
+    sample.max_new_tokens = T
+    sample.sample_batch(expert, amateur, prompts, range(len(prompts)), tok.pad_token_id, stop, vocab)
 
 
 def whole_reference():

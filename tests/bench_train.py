@@ -19,7 +19,7 @@ sys.path[:0] = [HERE, os.path.dirname(HERE)]
 import conftest  # noqa: E402
 import train  # noqa: E402
 from common import parse_flags, pick_device, stop_token_ids  # noqa: E402
-from sample import sample_batch, select_positions  # noqa: E402
+import sample  # noqa: E402
 
 # -----------------------------------------------------------------------------
 questions = 12  # GSM8K questions of the test fixture (it has 12)
@@ -62,13 +62,14 @@ if __name__ == "__main__":
     expert = conftest.build_model(len(tok) + 16, 64, 2, 4, 1, eos).to(dev)
     amateur = conftest.build_model(len(tok) + 4, 32, 1, 2, 2, eos).to(dev)
     prompts = [train.prompt_ids(tok, q, train.DEFAULT_SYSTEM_PROMPT) for q in texts]
-    results = sample_batch(expert, amateur, prompts, tok.pad_token_id, stop_token_ids(tok, expert), len(tok) + 4,
-                           max_new_tokens, alpha, 16)
+    for name, value in dict(max_new_tokens=max_new_tokens, alpha=alpha, beta=beta, seed=seed, chunk=16).items():
+        setattr(sample, name, value)
+    results = sample.sample_batch(expert, amateur, prompts, range(len(prompts)), tok.pad_token_id,
+                                  stop_token_ids(tok, expert), len(tok) + 4)
     by_question = []  # per question: (prompt + prefix, (V, v_C)) of each kept position, as train.py reads them
-    for i, (p, r) in enumerate(zip(prompts, results)):
-        kept = select_positions(r["kl"], "kl", beta, seed, i)
-        by_question += [[(p + r["completion_ids"][:t], ([a for a, *_ in r["plausible"][t]],
-                                                        [w for _, w, *_ in r["plausible"][t]])) for t in kept]]
+    for p, r in zip(prompts, results):
+        by_question += [[(p + r["completion_ids"][:t], (V["token_ids"], V["weights"]))
+                         for t, V in r["labels"].items()]]
     by_question = [g for g in by_question if g]
     records = [rec for group in by_question for rec in group]
     n_positions = sum(len(r["completion_ids"]) for r in results)

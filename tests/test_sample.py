@@ -67,16 +67,19 @@ def test_contrast_keeps_a_position_above_beta_and_special_tokens_in_the_soft_lab
 
 
 def test_plausible_set_carries_soft_label_and_both_probabilities_most_contrastive_first():
-    p_E = torch.tensor([[[0.15, 0.3, 0.5, 0.05]]])  # (B=1, c=1, V=4)
-    p_A = torch.tensor([[[0.25, 0.125, 0.5, 0.125]]])
-    kl, sets = sample.label_positions(p_E.log(), p_A.log(), alpha=0.2)
+    p_E = torch.tensor([[[0.15, 0.3, 0.5, 0.05], [0.25] * 4]])  # (B=1, c=2, V=4): positions 5 and 6
+    p_A = torch.tensor([[[0.25, 0.125, 0.5, 0.125], [0.25] * 4]])
+    kl, plausible, soft_label = sample.contrast(p_E.log(), p_A.log(), alpha=0.2)
+    where, values = sample.plausible_entries(plausible, soft_label, p_E.log(), p_A.log(), t0=5)
+    rollout = dict(kl=[0.0] * 5 + kl[0].tolist(), kept=[5])  # position 6 is not kept: it gets no label
+    labels = sample.label_positions([rollout], where, values)[0]["labels"]
     # V = {0, 1, 2} (π_E ≥ 0.1); π_E/π_A = 0.6, 2.4, 1.0 -> v_C = that / 4.0, sorted by v_C
-    want = [(1, 2.4 / 4, 0.3, 0.125), (2, 1.0 / 4, 0.5, 0.5), (0, 0.6 / 4, 0.15, 0.25)]
-    assert [a for a, *_ in sets[0][0]] == [a for a, *_ in want]
-    for got, exp in zip(sets[0][0], want):
-        assert got[1:] == pytest.approx(exp[1:], abs=1e-6)  # v_C, π_E, π_A: not renormalised
-    assert kl[0][0] == pytest.approx(sum(e * math.log(e / a) for e, a in zip(p_E.flatten().tolist(),
-                                                                             p_A.flatten().tolist())), abs=1e-6)
+    assert list(labels) == [5] and labels[5]["token_ids"] == [1, 2, 0]
+    assert labels[5]["weights"] == pytest.approx([2.4 / 4, 1.0 / 4, 0.6 / 4], abs=1e-6)
+    assert labels[5]["p_expert"] == pytest.approx([0.3, 0.5, 0.15], abs=1e-6)  # not renormalised
+    assert labels[5]["p_amateur"] == pytest.approx([0.125, 0.5, 0.25], abs=1e-6)
+    assert kl[0, 0].item() == pytest.approx(sum(e * math.log(e / a) for e, a in zip(p_E[0, 0].tolist(),
+                                                                                   p_A[0, 0].tolist())), abs=1e-6)
 
 
 def test_selection_modes_kl_all_and_random_of_the_same_size():
@@ -157,16 +160,20 @@ def test_generation_is_greedy_whatever_the_models_generation_config_says(models)
     assert got[:len(seq) - len(prompt)] == seq[len(prompt):]
 
 
-def test_batched_generation_gives_the_same_tokens_as_one_question_at_a_time(models):
+def test_batched_generation_gives_the_same_tokens_as_one_question_at_a_time(models, monkeypatch):
     tok, expert, amateur, prompts = models
     stop = common.stop_token_ids(tok, expert)
-    args = (tok.pad_token_id, stop, len(tok), 20, 0.2, 7)  # chunk 7: chunks cut across positions
-    batched = sample.sample_batch(expert, amateur, prompts, *args)
-    for prompt, b in zip(prompts, batched):
-        alone = sample.sample_batch(expert, amateur, [prompt], *args)[0]
+    for name, value in dict(max_new_tokens=20, alpha=0.2, beta=7.0, chunk=7).items():  # chunks cut across
+        monkeypatch.setattr(sample, name, value)
+    batched = sample.sample_batch(expert, amateur, prompts, range(len(prompts)), tok.pad_token_id, stop, len(tok))
+    assert any(b["kept"] for b in batched)
+    for i, (prompt, b) in enumerate(zip(prompts, batched)):
+        alone = sample.sample_batch(expert, amateur, [prompt], [i], tok.pad_token_id, stop, len(tok))[0]
         assert b["completion_ids"] == alone["completion_ids"]
         assert b["kl"] == pytest.approx(alone["kl"], abs=1e-4)
-        assert [[a for a, *_ in s] for s in b["plausible"]] == [[a for a, *_ in s] for s in alone["plausible"]]
+        assert b["kept"] == alone["kept"] == [t for t, k in enumerate(b["kl"]) if k > 7]
+        assert {t: V["token_ids"] for t, V in b["labels"].items()} == {
+            t: V["token_ids"] for t, V in alone["labels"].items()}
 
 
 def test_stop_tokens_include_the_chat_end_of_turn(models):
