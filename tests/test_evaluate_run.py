@@ -91,8 +91,10 @@ def test_base_and_merged_adapter_rows_summary_and_table(runs):
         summary = json.load(open(tag_dir / "summary.json"))
         assert summary["gsm8k"]["n"] == 3 and summary["gsm8k"]["code_rounds"] == [3, 0, 0, 0, 0]
         assert summary["gsm8k"]["grade_timeouts"] == 0
-    run = json.load(open(tuned / "run.json"))
+    run = json.load(open(tuned / "run.json"))["config"]
     assert run["model"] == runs.expert and run["adapter"] == str(runs.root / "one" / "lora") and run["code_exec"]
+    assert run["dtype"] == "float32" and run["grade_timeout"] == 3.0 and len(run["inputs"]) == 2  # model, adapter
+    assert json.load(open(tuned / "run.json"))["totals"] == json.load(open(tuned / "summary.json"))
     header = next(line for line in runs.one.stdout.splitlines() if line.startswith("benchmark"))
     assert "expert" in header and "expert+lora" in header and "delta" in header
     completions = lambda d: [r["completion"] for r in rows_of(d / "gsm8k.jsonl")]  # noqa: E731
@@ -127,9 +129,11 @@ def test_saved_completions_are_dealt_out_in_batches_and_merged_in_file_order(tmp
     monkeypatch.setattr(E, "batch_size", 2)
     single = E.run_jobs("gsm8k", jobs, str(tmp_path / "one.jsonl"), grader, "one")[0]
     assert [r["line"] for r in single] == list(range(1, 8)) and [r["correct"] for r in single] == [True] * 5 + [False] * 2
-    monkeypatch.setattr(E, "WORLD_SIZE", 2)
+    for module in (E, common):  # common names the part files
+        monkeypatch.setattr(module, "WORLD_SIZE", 2)
     for rank in (1, 0):
-        monkeypatch.setattr(E, "RANK", rank)
+        for module in (E, common):
+            monkeypatch.setattr(module, "RANK", rank)
         monkeypatch.setattr(E, "master", rank == 0)
         E.run_jobs("gsm8k", jobs, str(tmp_path / "two.jsonl"), grader, "two")
         if rank == 1:  # batches 1 and 3: lines 3, 4 and 7
@@ -496,7 +500,7 @@ def test_the_efficiency_table_shows_gains_and_the_costs_on_record_with_ratios_to
     for tag, adapter, correct in (("m", None, (4, 3)), ("m+lora", light, (7, 6)), ("m+out_sft", sft, (6, 4)),
                                   ("m+damaged", unrecorded, (9, 9)), ("other+lora", light, (1, 1))):
         os.makedirs(eval_dir / tag)
-        (eval_dir / tag / "run.json").write_text(json.dumps(dict(adapter=adapter and str(adapter))))
+        (eval_dir / tag / "run.json").write_text(json.dumps(dict(config=dict(adapter=adapter and str(adapter)))))
         (eval_dir / tag / "summary.json").write_text(json.dumps(
             {b: dict(n=10, correct=c, accuracy=10.0 * c) for b, c in zip(("gsm8k", "math"), correct)}))
         for b in ("gsm8k", "math"):  # the page also reads the rows (none here)
@@ -595,10 +599,57 @@ def test_stale_rows_are_refused_naming_what_differs(tiny_models, tmp_path, capsy
     os.makedirs(tag_dir)
     (tag_dir / "gsm8k.jsonl").write_text("")
     one_line_error(*run_inprocess(args, capsys, monkeypatch), "no run.json")
-    other = dict(model=str(tmp_path / "elsewhere" / "expert"), adapter=None, dtype="torch.float32", max_new_tokens=16,
-                 code_exec=True, prompt=E.PROMPT)
-    (tag_dir / "run.json").write_text(json.dumps(other))
+    for name, value in dict(model=tiny_models["expert"], data_dir=EVAL_DATA, adapter="none", max_new_tokens=8).items():
+        monkeypatch.setattr(E, name, value)
+    config = dict(E.model_runs(["gsm8k"], None, "cpu")[0][0][2], model=str(tmp_path / "elsewhere" / "expert"), max_new_tokens=16)
+    (tag_dir / "run.json").write_text(json.dumps(dict(config=config, totals=None)))
     one_line_error(*run_inprocess(args, capsys, monkeypatch), "max_new_tokens, model", str(tag_dir))
+
+
+def test_a_rerun_with_another_grade_timeout_or_benchmark_file_stops_in_one_line(tmp_path, capsys, monkeypatch):
+    """The two resumes that went wrong silently: rows graded under another --grade-timeout (they
+    kept accuracy 0), or against a changed benchmark file (old and new ground truths in one file)."""
+    os.makedirs(tmp_path / "data" / "gsm8k")
+    bench_file = tmp_path / "data" / "gsm8k" / "test.jsonl"
+    shutil.copy(os.path.join(EVAL_DATA, "gsm8k", "test.jsonl"), bench_file)
+    (tmp_path / "c.jsonl").write_text(json.dumps({"idx": 0, "completion": "\\boxed{18}"}) + "\n")
+    args = ["--bench", "gsm8k", "--completions", tmp_path / "c.jsonl", "--data-dir", tmp_path / "data",
+            "--out-dir", tmp_path]
+    code, err = run_inprocess([*args, "--grade-timeout", 0.0001], capsys, monkeypatch)
+    assert code == 0, err
+    one_line_error(*run_inprocess([*args, "--grade-timeout", 3], capsys, monkeypatch), "grade_timeout",
+                   str(tmp_path / "eval" / "c"))
+    first, *rest = bench_file.read_text(encoding="utf-8").splitlines(keepends=True)
+    bench_file.write_text(first.replace("#### 18", "#### 19") + "".join(rest), encoding="utf-8")
+    one_line_error(*run_inprocess([*args, "--grade-timeout", 0.0001], capsys, monkeypatch), "gsm8k", "delete")
+    shutil.rmtree(tmp_path / "eval" / "c")  # as the line says: then the same command starts afresh
+    code, err = run_inprocess([*args, "--grade-timeout", 3], capsys, monkeypatch)
+    assert code == 0, err
+    assert [(r["gt"], r["correct"]) for r in rows_of(tmp_path / "eval" / "c" / "gsm8k.jsonl")] == [("19", False)]
+    record = json.load(open(tmp_path / "eval" / "c" / "run.json"))
+    assert record["config"]["grade_timeout"] == 3.0 and record["totals"]["gsm8k"]["n"] == 1
+
+
+def test_a_model_that_does_not_load_leaves_no_record_behind(tmp_path, capsys, monkeypatch):
+    os.makedirs(tmp_path / "expert")  # a directory, but no model in it: the corrected command must run
+    args = ["--model", tmp_path / "expert", "--bench", "gsm8k", "--data-dir", EVAL_DATA, "--adapter", "none",
+            "--no-code-exec", "--out-dir", tmp_path / "out"]
+    one_line_error(*run_inprocess(args, capsys, monkeypatch), "not a model")
+    assert not os.path.exists(tmp_path / "out" / "eval" / "expert" / "run.json")
+
+
+def test_a_later_run_may_add_a_benchmark_to_a_models_directory(tmp_path):
+    tag_dir, config = str(tmp_path / "m"), dict(model="m", inputs={})
+    files = {b: (os.path.join(EVAL_DATA, b, "test.jsonl"), []) for b in ("gsm8k", "math")}
+    try:
+        E.open_run(common.make_dir(tag_dir), config, {"gsm8k": files["gsm8k"]})
+        open(os.path.join(tag_dir, "gsm8k.jsonl"), "w").write("")
+        common.release_locks()
+        E.open_run(tag_dir, config, files)  # gsm8k's rows kept, math joins the record
+    finally:
+        common.release_locks()
+    record = json.load(open(os.path.join(tag_dir, "run.json")))
+    assert record["config"] == config and set(record["benchmarks"]) == {"gsm8k", "math"}
 
 
 def test_a_model_being_evaluated_in_the_same_out_dir_is_refused(tiny_models, tmp_path, capsys, monkeypatch):
