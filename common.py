@@ -472,8 +472,9 @@ def differing(old, new):
 
 def start_run(out_dir, record_name, config, results, stage, **extra):
     """Rank 0, before a stage's first result: make and lock out_dir, then by the rule above: no
-    record and none of `results` (paths) -> write the record (and `extra` keys), return None; a
-    record of the same config -> return it (a resume); anything else stops in one line.
+    record, or one of a start that failed before any of `results` (paths) existed -> write the
+    record (and `extra` keys), return None; a record of the same config -> return it (a resume);
+    results of another config, or without a record, stop in one line.
     Other ranks return None at once (they wait for rank 0 at a barrier where the stage needs it)."""
     if not master:
         return None
@@ -481,15 +482,19 @@ def start_run(out_dir, record_name, config, results, stage, **extra):
     lock_dir(out_dir, stage)  # a second run on this directory stops here
     path, afresh = os.path.join(out_dir, record_name), f"delete {out_dir} or pass another --out-dir"
     config = json.loads(json.dumps(config))  # as it reads back: tuples are lists
+    found = [p for p in results if os.path.exists(p)]
     if os.path.exists(path):
         record = read_json(path, f"{afresh} and run again")
         if not isinstance(record.get("config"), dict):
             die(f"{path} is damaged (no \"config\" object); {afresh} and run again")
-        if diff := differing(record["config"], config):
+        diff = differing(record["config"], config)
+        if not diff:
+            return record
+        if found:  # results of other settings: never mixed
             die(f"{out_dir} holds a {stage} run with other settings ({', '.join(diff)} differ; see "
                 f"{path}); rerun with those settings to resume, or {afresh}")
-        return record
-    if found := [p for p in results if os.path.exists(p)]:
+        # else a start that failed before its first result (a typo, out of memory): nothing to mix
+    elif found:
         die(f"{out_dir} holds {os.path.basename(found[0])} but no {record_name} saying what made "
             f"it; {afresh}")
     write_json(path, dict(config=config, **extra, totals=None))
@@ -549,15 +554,3 @@ def release_locks():  # as the process's end would (for a script a test runs in-
         _LOCKS.pop().close()
 
 os.register_at_fork(after_in_child=release_locks)  # a forked grading worker holds no lock
-
-def check_record(path, record, outputs, fix):
-    """Deprecated: evaluate.py's old check until it moves to start_run (removed at the merge)."""
-    old = read_json(path, fix=fix) if os.path.exists(path) else None
-    if old is not None and old != record:
-        die(f"{os.path.dirname(path)} holds files made with another "
-            f"{', '.join(differing(old, record))} (see {path}); {fix}")
-    if old is None and outputs:
-        die(f"{os.path.dirname(path)} holds {os.path.basename(outputs[0])} but no "
-            f"{os.path.basename(path)} saying what made it; {fix}")
-    if old is None and master:
-        write_json(path, record)
