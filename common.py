@@ -241,13 +241,23 @@ def left_pad(prompts, pad_id, device):
     return ids, mask
 
 @torch.no_grad()
-def greedy_generate(model, ids, mask, max_new_tokens, stop_ids, pad_id, suppress=(), desc="this batch"):
+def greedy_generate(model, ids, mask, max_new_tokens, stop_ids, pad_id, suppress=(), desc="this batch",
+                    hidden=False):
     """Greedy completions of a left-padded batch -> only the new token ids, (B, T'), each row padded
-    after its stop token; `suppress`: ids never to pick."""
-    config = greedy_config(max_new_tokens, stop_ids, pad_id, suppress)
-    out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
-                         streamer=StepBar(max_new_tokens, desc))
-    return out[:, ids.shape[1]:]
+    after its stop token; `suppress`: ids never to pick. hidden=True also returns the model's last
+    hidden state at the column that predicted each new token, (B, T', H): generate computes it
+    anyway, one step at a time, and a hook keeps each step's newest column (the prompt's last
+    column predicts token 0), so no second pass over the completion is needed."""
+    config, steps = greedy_config(max_new_tokens, stop_ids, pad_id, suppress), []
+    keep = lambda module, args, out: steps.append(out.last_hidden_state[:, -1:])  # noqa: E731
+    hook = model.get_decoder().register_forward_hook(keep) if hidden else None
+    try:
+        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
+                             streamer=StepBar(max_new_tokens, desc))[:, ids.shape[1]:]
+    finally:
+        if hook:
+            hook.remove()
+    return (out, torch.cat(steps, 1)[:, :out.shape[1]]) if hidden else out
 
 
 # -----------------------------------------------------------------------------

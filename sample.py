@@ -133,24 +133,23 @@ def sample_batch(expert_model, amateur_model, prompts, indices, pad_id, stop_ids
     width = input_ids.shape[1]
     # ids only the expert's padded output layer has (never trained) go, so the amateur reads all
     padded = range(vocab, expert_model.get_output_embeddings().out_features)
-    generated = greedy_generate(expert_model, input_ids, prompt_mask, max_new_tokens, stop_ids,
-                                pad_id, padded)
+    generated, h_expert = greedy_generate(expert_model, input_ids, prompt_mask, max_new_tokens,
+                                          stop_ids, pad_id, padded, hidden=True)  # (B, T), (B, T, H_E)
     lengths = completion_lengths(generated, stop_ids)
     results = [dict(completion_ids=ids[:n].tolist()) for ids, n in zip(generated, lengths)]
     if amateur_model is None:  # --select sft: the answers alone, no contrast
         return results
-    # Both models read exactly the same token ids: the prompt, then the expert's own tokens.
+    # π_E comes from generate's own steps; the amateur reads the same ids in one teacher-forced pass.
     steps = torch.arange(generated.shape[1], device=dev)
     answer_mask = (steps[None] < torch.tensor(lengths, device=dev)[:, None]).long()
     full_ids = torch.cat([input_ids, generated], 1)  # (B, L)
     full_mask = torch.cat([prompt_mask, answer_mask], 1)
-    h_expert = hidden_states(expert_model, full_ids, full_mask)  # (B, L, H_E)
     h_amateur = hidden_states(amateur_model, full_ids, full_mask)  # (B, L, H_A)
     kl, entries = [], []
     for t0 in range(0, max(lengths), chunk):
-        cols = slice(width - 1 + t0, width - 1 + min(t0 + chunk, max(lengths)))  # W-1+t predicts t
-        logp_E = log_probs(expert_model, h_expert[:, cols], vocab)  # (B, c, V) log π_E
-        logp_A = log_probs(amateur_model, h_amateur[:, cols], vocab)  # (B, c, V) log π_A
+        t1 = min(t0 + chunk, max(lengths))
+        logp_E = log_probs(expert_model, h_expert[:, t0:t1], vocab)  # (B, c, V) log π_E
+        logp_A = log_probs(amateur_model, h_amateur[:, width - 1 + t0:width - 1 + t1], vocab)  # log π_A
         kl_chunk, plausible, soft_label = contrast(logp_E, logp_A, alpha)
         kl.append(kl_chunk.tolist())
         entries.append(plausible_entries(plausible, soft_label, logp_E, logp_A, t0))

@@ -93,7 +93,10 @@ def tiny_models(tmp_path_factory):
 
 def run_script(script, *args, cwd=None, check=True, timeout=600):
     """Run one of the stage scripts as a user would; return the CompletedProcess."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    # One thread, as the runs in the test process and under torchrun: a stage's floats are the same
+    # with the same threads per process (the expert's cached decoding rounds by thread count).
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)],
                           cwd=cwd or ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:

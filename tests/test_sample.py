@@ -160,6 +160,22 @@ def test_generation_is_greedy_whatever_the_models_generation_config_says(models)
     assert got[:len(seq) - len(prompt)] == seq[len(prompt):]
 
 
+def test_the_hidden_states_kept_from_generate_are_a_teacher_forced_pass(models):
+    """π_E is read from generate's own steps (hidden=True): at every generated position the state
+    equals one teacher-forced pass over prompt + completion, in a left-padded batch of two."""
+    tok, expert, amateur, prompts = models
+    stop = common.stop_token_ids(tok, expert)
+    ids, mask = common.left_pad(prompts[:2], tok.pad_token_id, "cpu")
+    new, kept = common.greedy_generate(expert, ids, mask, 10, stop, tok.pad_token_id, hidden=True)
+    assert kept.shape == (2, new.shape[1], expert.config.hidden_size)
+    lengths = sample.completion_lengths(new, stop)
+    full = torch.cat([ids, new], 1)
+    full_mask = torch.cat([mask, (torch.arange(new.shape[1])[None] < torch.tensor(lengths)[:, None]).long()], 1)
+    forced = sample.hidden_states(expert, full, full_mask)[:, ids.shape[1] - 1:-1]  # column W-1+t predicts t
+    for b, n in enumerate(lengths):
+        torch.testing.assert_close(kept[b, :n], forced[b, :n], atol=1e-5, rtol=1e-4)
+
+
 def test_batched_generation_gives_the_same_tokens_as_one_question_at_a_time(models, monkeypatch):
     tok, expert, amateur, prompts = models
     stop = common.stop_token_ids(tok, expert)
@@ -292,11 +308,16 @@ def test_a_run_with_another_configuration_is_refused(full_run, tiny_models, tmp_
     out, _ = full_run
     d = tmp_path / "o"
     d.mkdir()
-    (d / "sample_config.json").write_text((out / "sample_config.json").read_text())
+    for name in ("sample_config.json", "rollouts.jsonl"):  # a record and a result of another run
+        (d / name).write_text((out / name).read_text())
     code, _, err = run_main("sample.py", sample_args(tiny_models, d, "--alpha", 0.5), capsys)
     assert code == 2 and err.startswith("error:") and "alpha" in err
     code, _, err = run_main("sample.py", sample_args(tiny_models, d, "--select", "random"), capsys)
     assert code == 2 and "select" in err
+    (d / "rollouts.jsonl").unlink()  # a record with no result yet (a start that failed) is replaced
+    code, _, err = run_main("sample.py", sample_args(tiny_models, d, "--alpha", 0.5, "--max-questions", 2), capsys)
+    assert code == 0, err
+    assert json.loads((d / "sample_config.json").read_text())["config"]["alpha"] == 0.5
 
 
 def test_a_questions_file_with_other_content_under_the_same_path_is_refused(tiny_models, tmp_path, capsys):
