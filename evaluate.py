@@ -43,6 +43,7 @@ from common import (append_jsonl, barrier, complete_lines, die, download, dtype_
                     sampled_expert, start_run, stop_token_ids, sum_over_ranks, write_json,
                     write_page, RANK, WORLD_SIZE)
 
+
 # -----------------------------------------------------------------------------
 # configuration: the defaults reproduce the paper's evaluation
 bench = "math"  # one of BENCHMARKS, a comma list, or "all"
@@ -73,9 +74,9 @@ CODE_MEMORY = 4 << 30  # bytes of address space a program may take (the toolkit 
 CODE_ENV = dict(PATH="/usr/bin:/bin", LANG="C.UTF-8", OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
 code_box = "box"  # how the model's code is shut in: "box" or "guard" (--unboxed), see run_program
 
+
 # -----------------------------------------------------------------------------
 # benchmarks: questions and ground truths as the toolkit reads them (its parser.py), from its files
-
 
 def parse_question(record, name):
     if name == "gsm8k" or name == "olympiadbench":
@@ -93,7 +94,6 @@ def parse_question(record, name):
     gt = parse_gt(record, name).lower()  # the toolkit tells the model which words it expects
     yes_no = " (Yes or No)" if gt in ("yes", "no") else ""
     return (question + (" (True or False)" if gt in ("true", "false") else yes_no)).strip()
-
 
 def parse_gt(record, name):
     """The reference answer as the toolkit compares it: normalised twice (math_eval.py, then its
@@ -114,7 +114,6 @@ def parse_gt(record, name):
     elif name == "mmlu_stem":
         gt = "ABCD"[record["answer"]]
     return normalize(normalize(gt))
-
 
 def load_benchmark(name):
     """(path, [{idx, question, gt}]) of one benchmark, its file downloaded once (by rank 0)."""
@@ -137,16 +136,15 @@ def load_benchmark(name):
         die(f"{path} holds no problems; get the file from {url}")
     return path, list(problems.values())
 
-
 def check_idx(idx, where):
     """A whole number or a string: true and 0.0 would otherwise pass for problems 1 and 0."""
     if isinstance(idx, bool) or not isinstance(idx, (int, str)):
         die(f"{where}: idx {json.dumps(idx)} is not a whole number (or a string); fix that line")
     return idx
 
+
 # -----------------------------------------------------------------------------
 # generation: the toolkit's rounds of greedy decoding, the model's code run in between
-
 
 def generate(net, tok, prompts, stop_ids, budgets):
     """Greedy completions of prompts (token id lists) in one left-padded batch, each cut at its
@@ -161,7 +159,6 @@ def generate(net, tok, prompts, stop_ids, budgets):
         n_tokens += cut
         cut_off.append(cut == budget)  # no stop token within the budget: cut off mid-thought
     return texts, n_tokens, cut_off
-
 
 def solve(net, tok, stop_ids, questions):
     """The toolkit's loop over one batch: up to MAX_ROUNDS calls of the model. A call that ends on
@@ -197,7 +194,6 @@ def solve(net, tok, stop_ids, questions):
             rounds[i] += 1
     return texts, rounds, cut_off, n_tokens
 
-
 def extract_program(text):
     """The program the toolkit runs (its trajectory.py): the text so far, read line by line into
     text, ```python programs``` and ```output```s. Earlier programs whose output looks like a
@@ -227,7 +223,6 @@ def extract_program(text):
     programs[0] = "\n".join(imports) + "\n" + programs[0] if imports else programs[0]
     quiet = lambda p: "\n".join(x for x in p.split("\n") if not x.strip().startswith("print("))
     return "\n".join([quiet(p) for p in programs[:-1]] + programs[-1:])  # noqa: E731 (above)
-
 
 # The child process that runs one program: the toolkit's executor, quirks included. With "print(" in
 # the last line the whole program runs and its stdout is the result, else the last line's value is;
@@ -395,7 +390,6 @@ cut = lambda s: s[:200] + "..." + s[-200:] if len(s) > 400 else s
 os.write(1, ("\n" + json.dumps(cut(text.strip()) or cut(report.strip())) + "\n").encode())
 """
 
-
 def run_program(program):
     """The text the toolkit appends after running `program` (see CHILD): in a new Python process,
     CODE_TIMEOUT s, CODE_MEMORY bytes, 16 MiB a file, CODE_ENV, a scratch HOME and working dir, in
@@ -430,7 +424,6 @@ def run_program(program):
             return text[:200] + "..." + text[-200:] if len(text) > 400 else text
     return f"RuntimeError: the program ended without a result (exit code {proc.returncode})"
 
-
 def remove_tree(path):
     """rm -rf, whatever a program made of its scratch dir (a link in its place, a tree deeper than
     the recursion limit or PATH_MAX): one directory open at a time, by descriptor."""
@@ -461,7 +454,6 @@ def remove_tree(path):
     with contextlib.suppress(OSError):
         os.rmdir(path)
 
-
 def choose_code_box():
     """Once, before a run executes code: the box, tried on "print(1)" (none: one line, exit 2), or
     with --unboxed the guard, whose limits are said in one line."""
@@ -477,11 +469,11 @@ def choose_code_box():
         die(f"cannot box the model's code here ({why}); pass --unboxed to run it under a guard "
             "only (README: Errors and safety), or --no-code-exec")
 
+
 # -----------------------------------------------------------------------------
 # grading many answers: each completion (extraction, normalisation, comparison) in a worker process
 # under a time limit, as the toolkit does for comparisons (sympy can take minutes, or hang in C
 # code, on a pathological expression; a megabyte of digits is slow in any regular expression)
-
 
 def grade_worker(conn, parent_end, parent):
     """Grades jobs until None; the answer goes first, so that a comparison out of time still shows
@@ -498,7 +490,6 @@ def grade_worker(conn, parent_end, parent):
         with contextlib.suppress(Exception):
             correct = math_equal(pred, gt)
         conn.send(bool(correct))
-
 
 class Grader:
     """grade(completion, gt, name) -> (pred, correct, timed_out), in a forked worker, replaced when
@@ -535,10 +526,8 @@ class Grader:
             self.conn.send(None)
             self.worker.join()
 
-
 def key_of(row):  # a job's or row's key: its idx; a saved completion's its line (an idx may repeat)
     return row.get("line", row["idx"])
-
 
 def run_jobs(name, jobs, rows_path, grader, desc, make=None):
     """Grade `jobs` (problems with a "completion", or make(questions) -> (completions, programs
@@ -576,7 +565,6 @@ def run_jobs(name, jobs, rows_path, grader, desc, make=None):
     rows = merge_parts(rows_path, key_of, keys) if master else {}
     return [rows[k] for k in keys if k in rows], n_tokens
 
-
 def save_summary(tag_dir, name, rows):
     """One benchmark's totals in summary.json: accuracy, gradings out of time (counted wrong), and
     how many completions ran 0, 1, ..., MAX_ROUNDS programs. -> these totals"""
@@ -588,7 +576,6 @@ def save_summary(tag_dir, name, rows):
                          grade_timeouts=sum(r["timed_out"] for r in rows), code_rounds=rounds)
     write_json(path, summary)
     return summary[name]
-
 
 def print_table(results):
     """results: {tag: {bench: totals}} -> benchmark, n, accuracy (%) per model, 2 models' delta."""
@@ -605,9 +592,9 @@ def print_table(results):
         print(b.ljust(14) + str(n).rjust(6) + "".join(f"{x:.1f}".rjust(width) for x in a)
               + f"{a[-1] - a[0]:+.1f}".rjust(8) * delta)
 
+
 # -----------------------------------------------------------------------------
 # what to evaluate: runs (tag, adapter, the record of what makes its rows) and their problems
-
 
 def check_flags():
     """The benchmarks of --bench, once every flag makes sense (else one line, exit 2)."""
@@ -623,7 +610,6 @@ def check_flags():
     if completions and len(names) != 1:
         die("--completions grades one benchmark; pass --bench with a single name")
     return names
-
 
 def saved_runs(name, cut):
     """--completions: one run named after the file, a job per line of it (an idx may repeat)."""
@@ -644,7 +630,6 @@ def saved_runs(name, cut):
                   inputs={completions: fingerprint(completions)})
     tag = os.path.splitext(os.path.basename(completions))[0]
     return [(tag, None, config)], {name: (path, jobs)}
-
 
 def model_runs(names, cut, dev):
     """The base model (--model, else sample.py's expert) and, with an adapter (--adapter, else
@@ -675,7 +660,6 @@ def model_runs(names, cut, dev):
         benchmarks[b] = (path, problems[:cut])
     return runs, benchmarks
 
-
 def open_run(tag_dir, config, benchmarks):
     """Rows resume only if made the same way (README, Resuming a run): common's run record, and
     beside its config the fingerprint of each benchmark file graded against (a benchmark new to
@@ -691,10 +675,8 @@ def open_run(tag_dir, config, benchmarks):
                 f"run.json); delete {tag_dir} or pass another --out-dir")
     write_json(os.path.join(tag_dir, "run.json"), dict(record, benchmarks={**graded, **files}))
 
-
 def glob_rows(tag_dir, name="*"):
     return glob.glob(os.path.join(glob.escape(tag_dir), f"{name}.jsonl*"))
-
 
 def merge_adapter(net, path):
     """The LoRA adapter merged into the weights, as the paper's merge.py does before inference."""
@@ -703,7 +685,6 @@ def merge_adapter(net, path):
         return PeftModel.from_pretrained(net, path).merge_and_unload().eval()
     except Exception as e:  # a mismatched adapter fails in many ways (sizes, module names, files)
         die(f"cannot apply the adapter {path} to {net.name_or_path}: {first_line(e)}")
-
 
 def run_costs(adapter_path):
     """What made an adapter (the paper's Figure 1): the totals of train_config.json beside it and
@@ -727,7 +708,6 @@ def run_costs(adapter_path):
                     device=" / ".join(devices))
     except (OSError, ValueError, KeyError, TypeError):
         return None
-
 
 def efficiency(eval_dir):
     """A row per tuned model <base>+<adapter> with costs on record and <base> evaluated: its mean
@@ -753,10 +733,8 @@ def efficiency(eval_dir):
                                                  for k in ("time_s", "sampled", "tuned")}
     return rows
 
-
 EFFICIENCY_HEADER = ["model", "method", "accuracy", "gain", "benchmarks", "time = sampling + training",
                      "sampled problems", "kept problems", "kept positions", "tuned tokens", "device"]
-
 
 def efficiency_cells(r):
     """A row of the table as text: model, method, accuracy, gain, each cost and its ratio to SFT."""
@@ -771,7 +749,6 @@ def efficiency_cells(r):
             vs("sampled", f"{r['sampled']:,}"), f"{r['kept']:,}", f"{r['positions']:,}",
             vs("tuned", f"{r['tuned']:,}"), r["device"]]
 
-
 def print_efficiency(eval_dir):
     """The efficiency table in the terminal (nothing when no tuned model has its run records)."""
     rows = [EFFICIENCY_HEADER] + [efficiency_cells(r) for r in efficiency(eval_dir)]
@@ -781,6 +758,7 @@ def print_efficiency(eval_dir):
               "model cost")
         for row in rows:
             print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+
 
 # -----------------------------------------------------------------------------
 # the pages, rebuilt after each run from the files in out/eval alone: report.html (the comparison
@@ -797,7 +775,6 @@ REPORT_CSS = (".models { display: grid; grid-template-columns: repeat(auto-fit, 
               "details[open] { border-left: 3px solid #ddd; padding-left: 0.6em; }")
 MARKS = {"timed_out": "grading timed out", "cut_off": "cut off at the token limit"}  # field: its view
 
-
 def read_rows(path, notes):
     """The rows of a rows file with an idx and a verdict; how many lines were not goes to notes."""
     if not os.access(path, os.R_OK):
@@ -808,7 +785,6 @@ def read_rows(path, notes):
     if damaged or len(good) < len(rows):
         notes.append(f"{path}: {damaged + len(rows) - len(good)} damaged line(s) left out")
     return good
-
 
 def load_eval(eval_dir):
     """({tag: summary}, {tag: {bench: rows}}, notes) of each model directory with a summary."""
@@ -827,7 +803,6 @@ def load_eval(eval_dir):
                      for b in s if b in BENCHMARKS}
     return summary, rows, notes
 
-
 def comparison_table(summary, base_of):
     """Accuracy per benchmark and model; in bold a tuned model <base>+<adapter>'s gain over <base>."""
     html = ["<table><tr><th>benchmark</th>" + "".join(f"<th>{esc(t)}</th>" for t in summary) + "</tr>"]
@@ -843,7 +818,6 @@ def comparison_table(summary, base_of):
                 "in points</p>")
     return "\n".join(html)
 
-
 def efficiency_html(eval_dir):
     """The efficiency table for the report page ("" when no tuned model has its run records)."""
     rows = efficiency(eval_dir)
@@ -854,7 +828,6 @@ def efficiency_html(eval_dir):
                      "both models have (gain in points, over the base model); time: sampling + "
                      "training wall time (loading models and evaluating not counted); × SFT: this "
                      "cost over the SFT run's of the same base model</p>") or ""
-
 
 def views(problems, base_of):
     """The views a reader wants first, {title: [idx, ...]}: each tuned model's flips against its
@@ -872,13 +845,11 @@ def views(problems, base_of):
         out[title] = [i for i, p in problems.items() if any(r.get(field) for _, r in p)]
     return out
 
-
 def completion_html(text):
     """A completion as written, its programs and their outputs (```python, ```output) set off."""
     parts = re.split(r"(```(?:python|output)\n.*?```\n?)", text, flags=re.S)  # odd parts: blocks
     html = (f"<span class={p[3:9]}>{esc(p)}</span>" if k % 2 else esc(p) for k, p in enumerate(parts))
     return "<pre>" + "".join(html) + "</pre>"
-
 
 def problem_html(idx, pairs, anchor=""):
     """One problem, collapsed: each model's answer and verdict beside the ground truth. Open: the
@@ -900,7 +871,6 @@ def problem_html(idx, pairs, anchor=""):
                     f"</summary>{completion_html(text)}</details></div>")
     return "\n".join(html) + "</div></details>"
 
-
 def bench_section(b, problems, views):
     """report.html's part for one benchmark: each view, its count and its first SHOWN problems."""
     counts = " · ".join(f"<a href=\"#{b}{k}\">{esc(v)}</a>: {len(ids)}"
@@ -915,7 +885,6 @@ def bench_section(b, problems, views):
             html.append(f"<p>… and {len(ids) - SHOWN} more in {more}</p>")
     return "\n".join(html)
 
-
 def bench_page(b, problems, views):
     """<bench>.html: each view as a list of links, then every problem in the benchmark's order."""
     number = {i: n for n, i in enumerate(problems)}  # anchors p0, p1, ...: an idx may be any string
@@ -926,7 +895,6 @@ def bench_page(b, problems, views):
     html.append("<h2>every problem</h2>")
     html += [problem_html(i, p, f" id=p{number[i]}") for i, p in problems.items()]
     return page(f"LightReasoner evaluation: {b}", "\n".join(html), css=REPORT_CSS)
-
 
 def report_page(eval_dir):
     """report.html's text: what was left out, the comparison table, the efficiency table, then each
@@ -946,6 +914,7 @@ def report_page(eval_dir):
         sections.append(bench_section(b, problems, v))
     return page("LightReasoner evaluation", "\n".join(sections), css=REPORT_CSS)
 
+
 # =============================================================================
 # APPENDIX: grading as the toolkit does (its parser.py and grader.py, re-written)
 #   predict(completion, name, gt) -> the answer the toolkit reads from a completion (or None)
@@ -956,7 +925,6 @@ def report_page(eval_dir):
 # both. The two misses, and the 25,465 checks those cases come from, are in the README ("How
 # grading matches the toolkit", "Where we differ").
 # =============================================================================
-
 
 def predict(completion, name, gt):
     """Cut at stop words, extracted and normalised (twice, as math_eval.py does), then the toolkit's
@@ -971,7 +939,6 @@ def predict(completion, name, gt):
     elif pred is not None and all(c in "ABCDE" for c in gt) and not all(c in "ABCDE" for c in pred):
         pred = "".join(c for c in pred if c in "ABCDE")
     return pred
-
 
 def extract_answer(text, name):
     """Last \\boxed{}, else "the answer is ...", else the last number (its parser.py)."""
@@ -992,7 +959,6 @@ def extract_answer(text, name):
     pred = pred[:-1] if pred.endswith("/") else pred
     return normalize(pred, skip_unit=name == "minerva_math")  # Minerva answers keep their units
 
-
 def last_boxed(text):
     """Content of the last \\boxed{...}, nested braces included. The toolkit splits on the bare word
     'boxed' and, with no brace after it, reads up to the next '$' ("\\boxed 5$")."""
@@ -1005,7 +971,6 @@ def last_boxed(text):
         if depth == 0:
             return tail[1:i]
     return tail[1:]
-
 
 def choice_letter(text):
     """The first A-E after the last "answer is"/"choice is", else the last standalone A-E anywhere
@@ -1038,7 +1003,6 @@ NUMBER_WORDS = {w: i for i, w in enumerate(
 TENS = "twenty thirty forty fifty sixty seventy eighty ninety".split()
 NUMBER_WORDS.update({w: 10 * i for i, w in enumerate(TENS, 2)})
 NUMBER_WORDS.update(hundred=100, thousand=1000, million=10**6, billion=10**9)
-
 
 def normalize(s, skip_unit=False):
     """The toolkit's strip_string, rule for rule and in its order (order matters: units go before
@@ -1081,7 +1045,6 @@ def normalize(s, skip_unit=False):
     s = re.sub(r"\\sqrt(\w+)", r"\\sqrt{\1}", s)  # \sqrt2 -> \sqrt{2}
     return fix_slash(fix_fracs(s.replace(" ", "")))
 
-
 def words_to_number(text):
     """The toolkit's word2number reads the number words anywhere in the string, ignoring the others
     ("two apples" -> "2", "one point five" -> "1.5"). We read them the usual way; its slips on odd
@@ -1103,7 +1066,6 @@ def words_to_number(text):
     fraction = float("0." + "".join(map(str, digits))) if digits and max(digits) < 10 else 0
     return str(total + part + fraction)
 
-
 def fix_fracs(s):
     """\\frac12 -> \\frac{1}{2}, \\frac1{72} -> \\frac{1}{72}; with under two characters after a
     \\frac the toolkit leaves the whole string as it is."""
@@ -1111,7 +1073,6 @@ def fix_fracs(s):
         return s
     braced = lambda m: "\\frac{" + m[1] + "}" + (m[2] if m[2] == "{" else "{" + m[2] + "}")  # noqa
     return re.sub(r"\\frac([^{])(.)", braced, s)
-
 
 def fix_slash(s):
     """'3/4' -> '\\frac{3}{4}' when both sides are integers written plainly (or contain sqrt)."""
@@ -1122,7 +1083,6 @@ def fix_slash(s):
 
 
 # ---- equivalence (the toolkit's grader.py): strings, numbers, structures, then sympy
-
 
 def math_equal(pred, gt):
     """In the toolkit's order: same string, same number (the ground truth also read as a
@@ -1165,7 +1125,6 @@ def math_equal(pred, gt):
             return True
     return symbolic_equal(pred, gt)
 
-
 def to_float(s):
     """A plain number ("1,234.5", "12%" -> 0.12, "12\\%" too), else None."""
     s = str(s).replace(",", "")
@@ -1175,7 +1134,6 @@ def to_float(s):
     except ValueError:
         return None
 
-
 def matrix_cells(s):
     """Rows of cells of a pmatrix/bmatrix, or None when s is not one."""
     if not (s.startswith(("\\begin{pmatrix}", "\\begin{bmatrix}"))
@@ -1184,7 +1142,6 @@ def matrix_cells(s):
     body = s[len("\\begin{pmatrix}"):-len("\\end{pmatrix}")]
     rows = [r.strip() for r in body.split("\\\\") if r.strip()]
     return [r.split("&") for r in rows]
-
 
 def symbolic_equal(a, b):
     """Both sides read into sympy (read_math): same printout, simplify(a - b) == 0, same equation,
@@ -1204,6 +1161,7 @@ def symbolic_equal(a, b):
         except Exception:  # an undecidable or ill-typed comparison is no verdict (as in the toolkit)
             pass
     return False
+
 
 # ---- reading an answer into sympy. The toolkit tries sympy's parse_latex, then parse_expr, which
 # runs the text as Python (a model's answer could create files). Our own small parser builds sympy
@@ -1227,10 +1185,8 @@ BRACKET_FUNCTIONS = {"|": sympy.Abs, "\\lfloor": sympy.floor, "\\lceil": sympy.c
 NOT_SYMBOLS = {"frac", "dfrac", "sqrt", "binom", "times", "cdot", "div", "int", "sum", "lim", "to", "begin",
                "lfloor", "rfloor", "lceil", "rceil"} | set(FUNCTIONS)
 
-
 class NotMath(ValueError): pass  # not math we read: the answer stays a string
 class NoMatch(NotMath): pass  # a rule does not match here: an optional part just ends (see maybe)
-
 
 def read_math(s):
     """s as a sympy object, or s itself when it is not math we read (tried with '\\\\' made '\\'
@@ -1245,7 +1201,6 @@ def read_math(s):
         if not any(isinstance(x, str) for x in items):
             return sympy.FiniteSet(*items)
     return s
-
 
 class MathReader:
     """Recursive descent, one method per rule of parse_latex's grammar (sympy's LaTeX.g4):
