@@ -49,7 +49,7 @@ alpha = 0.2  # plausibility cut α: keep tokens with π_E(a) ≥ α·max π_E (p
 beta = 0.4  # KL threshold β: keep position t iff KL(π_E‖π_A) > β (paper: 0.4)
 select = "kl"  # positions to tune: "kl" (KL > β, the paper), "all", "random" (as many as kl, at
 # random places), or "sft" (the paper's SFT baseline: the expert's right answers, every token)
-system_prompt = DEFAULT_SYSTEM_PROMPT  # system turn of the chat prompt: "Please reason step by step."
+system_prompt = DEFAULT_SYSTEM_PROMPT  # the chat prompt's system turn (the reference's)
 batch_size = 0  # questions generated together; 0: 64 on a GPU, 8 on the CPU
 chunk = 16  # generated positions whose full-vocabulary distributions are held at once (memory)
 out_dir = "out"
@@ -134,12 +134,12 @@ def sample_batch(expert_model, amateur_model, prompts, indices, pad_id, stop_ids
     # ids only the expert's padded output layer has (never trained) go, so the amateur reads all
     padded = range(vocab, expert_model.get_output_embeddings().out_features)
     generated, h_expert = greedy_generate(expert_model, input_ids, prompt_mask, max_new_tokens,
-                                          stop_ids, pad_id, padded, hidden=True)  # (B, T), (B, T, H_E)
+                                          stop_ids, pad_id, padded, hidden=True)  # (B,T), (B,T,H)
     lengths = completion_lengths(generated, stop_ids)
     results = [dict(completion_ids=ids[:n].tolist()) for ids, n in zip(generated, lengths)]
     if amateur_model is None:  # --select sft: the answers alone, no contrast
         return results
-    # π_E comes from generate's own steps; the amateur reads the same ids in one teacher-forced pass.
+    # π_E comes from generate's own steps; the amateur reads the same ids in one forward pass
     steps = torch.arange(generated.shape[1], device=dev)
     answer_mask = (steps[None] < torch.tensor(lengths, device=dev)[:, None]).long()
     full_ids = torch.cat([input_ids, generated], 1)  # (B, L)
@@ -291,7 +291,7 @@ def sample_all(questions, done, tok, expert_model, amateur_model, vocab, stop_id
     except torch.cuda.OutOfMemoryError:
         bar.close()
         die(f"out of GPU memory with --batch-size {batch_size}; lower --batch-size (or --chunk, "
-            f"now {chunk}) and run the same command again: finished questions are kept", every_rank=True)
+            f"now {chunk}) and run the same command: finished questions are kept", every_rank=True)
     bar.close()
     return new_tokens
 
