@@ -66,7 +66,7 @@ def run_stage(stage, argv):
     import torch
     counts = dict(generate_s=0.0, computed=0, written=0, teacher_forced_s=0.0)
     timed_generate(counts)
-    if stage == "sample":  # its teacher-forced pass (the amateur's): a decoder run without the KV cache
+    if stage == "sample":  # the amateur's teacher-forced pass: the decoder run without the KV cache
         from transformers.models.qwen2 import modeling_qwen2
         forward = modeling_qwen2.Qwen2Model.forward
 
